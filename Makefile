@@ -1,0 +1,32 @@
+# One command installs and runs the main job (`make demo`), one installs and runs the tests (`make test`).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PHOTOS ?= ../shared/data/fashion/images
+STORE ?= demo.h5
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/hsl: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(BIN)/hsl
+
+install: $(BIN)/hsl
+
+demo: install
+	$(BIN)/hsl extract $(PHOTOS) --store $(STORE)
+	$(BIN)/hsl info $(STORE)
+
+lint: install
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/extract.py
+
+clean:
+	rm -rf $(VENV) *.egg-info demo.h5

@@ -1,0 +1,1 @@
+"""The `hsl` command line: a thin Typer layer over the hsl library."""

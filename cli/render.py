@@ -1,0 +1,86 @@
+"""Terminal rendering: progress on stderr, results on stdout, errors as one line on stderr."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+out = Console()
+err = Console(stderr=True)
+
+
+def handle_errors(command: Callable) -> Callable:
+    """Library errors become `error: ...` on stderr and exit 1 (usage errors exit 2)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from hsl.errors import HSLError, HSLUsageError
+
+        try:
+            return command(*args, **kwargs)
+        except HSLUsageError as exc:
+            err.print(f"[red]error:[/red] {exc}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except HSLError as exc:
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("interrupted: finished work is saved; run the same command again to continue")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+class _Rate(TextColumn):
+    def __init__(self, unit: str) -> None:
+        super().__init__("")
+        self.unit = unit
+
+    def render(self, task: Any) -> Any:
+        from rich.text import Text
+
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.1f} {self.unit}/s" if speed else f"- {self.unit}/s", style="progress.data.speed")
+
+
+@contextmanager
+def progress_bar(description: str, quiet: bool, unit: str = "items") -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr; yields the callback the library calls with (done, total)."""
+    if quiet:
+        yield lambda done, total: None
+        return
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+                   _Rate(unit), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err,
+                   transient=False)
+    task = bar.add_task(description, total=None)
+
+    def update(done: int, total: int) -> None:
+        if not bar.live.is_started:  # start on first news: an early error prints no empty bar
+            bar.start()
+        bar.update(task, completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if bar.live.is_started:
+            bar.stop()
+
+
+def print_json(payload: Any) -> None:
+    sys.stdout.write(json.dumps(payload, ensure_ascii=False) + "\n")

@@ -1,0 +1,185 @@
+"""List the products of a source: a folder of photos, or a CSV/JSONL manifest.
+
+Reading a source never touches pixels: it yields ids, image paths, titles and attributes, and
+reports rows that cannot become products (duplicate id, empty title, bad row) instead of
+dropping them. A manifest that lacks a needed column is a usage error, raised at once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hsl.errors import HSLError, HSLUsageError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    id: str
+    image: str  # absolute path
+    text: str
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """One source row that is reported and skipped; `where` names the file and row."""
+
+    id: str
+    image: str
+    reason: str
+    detail: str
+    where: str
+
+
+@dataclass
+class SourceListing:
+    items: list[SourceItem]
+    rejected: list[Rejected]
+    attribute_columns: list[str]
+
+
+@dataclass(frozen=True)
+class Columns:
+    id: str = "id"
+    image: str = "image"
+    text: str = "text"
+    image_template: str | None = None  # e.g. "images/{id}.jpg" when there is no image column
+
+
+def read_source(path: str | os.PathLike, columns: Columns = Columns()) -> SourceListing:
+    """A folder (recursive photos, optional sibling .txt titles) or a .csv/.jsonl manifest."""
+    path = Path(path)
+    if path.is_dir():
+        return _dedupe(_folder_rows(path), [], require_text=False)
+    if not path.is_file():
+        raise HSLUsageError(f"{path}: no such folder or manifest file")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _manifest(path, _csv_rows(path), columns)
+    if suffix in (".jsonl", ".ndjson"):
+        return _manifest(path, _jsonl_rows(path), columns)
+    raise HSLUsageError(f"{path}: unknown source type; give a folder of photos, a .csv or a .jsonl manifest")
+
+
+def _folder_rows(root: Path) -> Iterator[tuple[str, SourceItem]]:
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    for image in files:
+        rel = image.relative_to(root)
+        title = image.with_suffix(".txt")
+        text = title.read_text(encoding="utf-8", errors="replace").strip() if title.is_file() else ""
+        yield str(rel), SourceItem(id=rel.with_suffix("").as_posix(), image=str(image.resolve()), text=text)
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, dict | None, str]]:
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a leading BOM is not a column
+        reader = csv.DictReader(handle)
+        try:
+            header = reader.fieldnames or []
+            yield 0, {"__header__": header}, ""
+            for row in reader:
+                if None in row:  # more fields than the header: quoting went wrong on this row
+                    yield reader.line_num, None, f"{len(row[None]) + len(header)} fields, header has {len(header)}"
+                else:
+                    yield reader.line_num, row, ""
+        except UnicodeDecodeError as exc:
+            raise HSLError(f"{path}: not UTF-8 near byte {exc.start}; save the manifest as UTF-8") from exc
+        except csv.Error as exc:
+            raise HSLError(f"{path}, line {reader.line_num}: {exc}; check the quoting of that row") from exc
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict | None, str]]:
+    header: list[str] | None = None
+    with open(path, encoding="utf-8-sig") as handle:
+        try:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield number, None, f"not valid JSON ({exc.msg})"
+                    continue
+                if not isinstance(row, dict):
+                    yield number, None, "not a JSON object"
+                    continue
+                if header is None:
+                    header = list(row)
+                    yield 0, {"__header__": header}, ""
+                yield number, {k: "" if v is None else str(v) for k, v in row.items()}, ""
+        except UnicodeDecodeError as exc:
+            raise HSLError(f"{path}: not UTF-8 near byte {exc.start}; save the manifest as UTF-8") from exc
+    if header is None:
+        raise HSLUsageError(f"{path}: the manifest has no rows")
+
+
+def _manifest(path: Path, rows: Iterable[tuple[int, dict | None, str]], columns: Columns) -> SourceListing:
+    rows = iter(rows)
+    try:
+        _, first, _ = next(rows)
+    except StopIteration:
+        raise HSLUsageError(f"{path}: the manifest is empty") from None
+    header = first["__header__"] if first else []
+    needed = [columns.id, columns.text] + ([] if columns.image_template else [columns.image])
+    for name, option in zip(needed, ("--id-column", "--text-column", "--image-column"), strict=False):
+        if name not in header:
+            hint = " or give --image-template" if option == "--image-column" else ""
+            raise HSLUsageError(f"{path}: no column {name!r} (columns: {', '.join(header) or 'none'}); "
+                                f"rename it with {option}{hint}")
+    used = {columns.id, columns.text, columns.image}
+    attribute_columns = [c for c in header if c not in used]
+    rejected: list[Rejected] = []
+
+    def items() -> Iterator[tuple[str, SourceItem]]:
+        for number, row, problem in rows:
+            where = f"{path.name}:{number}"
+            if row is None:
+                rejected.append(Rejected("", "", "bad_row", problem, where))
+                continue
+            missing = [c for c in needed if c not in row]
+            if missing:
+                rejected.append(Rejected(row.get(columns.id, ""), "", "bad_row",
+                                         f"no field {missing[0]!r}", where))
+                continue
+            item_id = row[columns.id].strip()
+            if columns.image_template:
+                image = columns.image_template.format(id=item_id, **{k: v for k, v in row.items() if k != "id"})
+            else:
+                image = row[columns.image].strip()
+            image_path = (path.parent / image).resolve() if image else path.parent
+            attributes = {c: row.get(c, "") or "" for c in attribute_columns}
+            yield where, SourceItem(id=item_id, image=str(image_path), text=row[columns.text].strip(),
+                                    attributes=attributes)
+
+    listing = _dedupe(items(), attribute_columns, require_text=True)
+    listing.rejected[:0] = rejected
+    return listing
+
+
+def _dedupe(rows: Iterable[tuple[str, SourceItem]], attribute_columns: list[str],
+            require_text: bool) -> SourceListing:
+    """Keep the first row of each id; report empty ids, empty titles (manifests) and later duplicates.
+
+    A photo in a folder without a sibling .txt is kept image-only: it can be searched, not trained on.
+    """
+    items: list[SourceItem] = []
+    rejected: list[Rejected] = []
+    first_seen: dict[str, str] = {}
+    for where, item in rows:
+        if not item.id:
+            rejected.append(Rejected("", item.image, "empty_id", "the id is empty", where))
+        elif item.id in first_seen:
+            rejected.append(Rejected(item.id, item.image, "duplicate_id",
+                                     f"id already used at {first_seen[item.id]}", where))
+        elif require_text and not item.text:
+            rejected.append(Rejected(item.id, item.image, "empty_text", "the title is empty", where))
+        else:
+            first_seen[item.id] = where
+            items.append(item)
+    return SourceListing(items=items, rejected=rejected, attribute_columns=attribute_columns)

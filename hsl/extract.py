@@ -1,0 +1,251 @@
+"""Extraction: source reader -> photo decoding in worker processes -> backbone -> store writer.
+
+Resumable by construction: a plan compares the source with the store (new ids, changed files or
+titles), the store file is rebuilt atomically when its rows change, and then each batch's
+features are written and flushed before the batch's rows are marked DONE.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from hsl_data.sources import Columns, Rejected, read_source
+
+from . import __version__
+from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
+from .errors import HSLUsageError, StoreMismatchError
+from .images import DEFAULT_MAX_PIXELS, BadItem, load_image
+from .store import DONE, FAILED, PENDING, FeatureStore, RowPlan
+
+ProgressFn = Callable[[int, int], None]
+
+
+def default_workers() -> int:
+    """One decoding process per spare core: on 2 cores, 1 worker beside the forward pass."""
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+@dataclass
+class ExtractOptions:
+    backbone: str | None = None  # None: the store's backbone, or the default for a new store
+    grid: int | None = None  # pool the region grid to grid x grid cells
+    max_text_tokens: int | None = None
+    batch_size: int = 32
+    workers: int = field(default_factory=default_workers)
+    device: str = "auto"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    columns: Columns = field(default_factory=Columns)
+    limit: int | None = None  # only the first N products of the source (demos, smoke tests)
+
+
+@dataclass
+class ExtractReport:
+    store: str
+    source_items: int
+    already_done: int
+    extracted: int
+    skipped: list[Rejected]
+    seconds: float
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        return dict(Counter(s.reason for s in self.skipped).most_common())
+
+    def write_errors(self, path: str | os.PathLike) -> None:
+        """One JSON line per skipped item: id, image, reason, detail, where."""
+        with open(path, "w", encoding="utf-8") as handle:
+            for item in self.skipped:
+                handle.write(json.dumps(asdict(item), ensure_ascii=False) + "\n")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise HSLUsageError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise HSLUsageError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+    return resolved
+
+
+class _PhotoDataset(Dataset):
+    """Decodes one photo per index; bad photos come back as a reason instead of pixels."""
+
+    def __init__(self, rows: list[int], paths: list[str], size: int, max_pixels: int) -> None:
+        self.rows, self.paths, self.size, self.max_pixels = rows, paths, size, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str, str]:
+        try:
+            return self.rows[i], load_image(self.paths[i], self.size, self.max_pixels), "", ""
+        except BadItem as bad:
+            return self.rows[i], None, bad.reason, bad.detail
+
+
+def _collate(batch: list) -> list:
+    return batch  # pixels are stacked in the main process, once bad items are set aside
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding is the worker's job; the cores belong to the forward pass
+
+
+def _plan(listing_items: list, store: FeatureStore | None) -> tuple[list[RowPlan], bool, list[Rejected]]:
+    """Rows of the next store (old rows first, in order) and whether the file must be rebuilt."""
+    missing: list[Rejected] = []
+    old_index: dict[str, int] = {}
+    rows: list[RowPlan] = []
+    if store is not None:
+        attrs = store.attributes()
+        status, size, mtime = store.column("status"), store.column("file_size"), store.column("file_mtime_ns")
+        for i, (rid, image, text) in enumerate(zip(store.strings("ids"), store.strings("images"),
+                                                   store.strings("texts"), strict=True)):
+            old_index[rid] = i
+            rows.append(RowPlan(rid, image, text, {c: v[i] for c, v in attrs.items()},
+                                int(size[i]), int(mtime[i]), int(status[i])))
+    rebuild = store is None
+    for item in listing_items:
+        try:
+            st = os.stat(item.image)
+        except OSError:
+            missing.append(Rejected(item.id, item.image, "missing_file", "no such file", item.image))
+            continue
+        plan = RowPlan(item.id, item.image, item.text, dict(item.attributes), st.st_size, st.st_mtime_ns)
+        i = old_index.get(item.id)
+        if i is None:
+            rows.append(plan)
+            rebuild = True
+            continue
+        old = rows[i]
+        if (old.image, old.text, old.attributes) != (plan.image, plan.text, plan.attributes):
+            rebuild = True  # strings live in the file's structure: only a rebuild may change them
+        elif (old.size, old.mtime_ns) == (plan.size, plan.mtime_ns):
+            plan.status = old.status
+        rows[i] = plan
+    return rows, rebuild, missing
+
+
+def _check_backbone(store: FeatureStore, options: ExtractOptions) -> None:
+    meta = store.meta
+    wanted = {"backbone": options.backbone, "grid": options.grid, "max_text_tokens": options.max_text_tokens}
+    for key, value in wanted.items():
+        if value is not None and value != meta[key]:
+            raise StoreMismatchError(
+                f"{store.path} holds {key} {meta[key]!r}, this run asks for {value!r}; "
+                f"extract into another --store, or drop the option to keep extending this one")
+
+
+def extract(source: str | os.PathLike, store_path: str | os.PathLike, options: ExtractOptions | None = None,
+            progress: ProgressFn | None = None) -> ExtractReport:
+    """Extract every product of `source` that the store lacks (or that changed) into `store_path`."""
+    options = options or ExtractOptions()
+    started = time.perf_counter()
+    store_path = Path(store_path)
+    if options.batch_size < 1 or options.workers < 0:
+        raise HSLUsageError("--batch-size must be at least 1 and --workers at least 0")
+    store = FeatureStore.open(store_path) if store_path.exists() else None
+    if store is not None:
+        _check_backbone(store, options)  # before any work: no model loaded, nothing written
+    listing = read_source(source, options.columns)
+    items = listing.items[: options.limit] if options.limit is not None else listing.items
+    spec = options.backbone or (store.meta["backbone"] if store else DEFAULT_BACKBONE)
+    grid = options.grid or (store.meta["grid"] if store else None)
+    tokens = options.max_text_tokens or (store.meta["max_text_tokens"] if store else None)
+    device = resolve_device(options.device)
+    backbone = None
+    if store is None:
+        backbone = create_backbone(spec, grid=grid, max_text_tokens=tokens).to(device)
+        meta = {**backbone.describe(), "hsl_version": __version__}
+    else:
+        meta = {k: v for k, v in store.meta.items() if k not in ("schema_version", "attribute_columns")}
+    rows, rebuild, missing = _plan(items, store)
+    attribute_columns = list(store.meta["attribute_columns"]) if store else []
+    attribute_columns += [c for c in listing.attribute_columns if c not in attribute_columns]
+    if rebuild:
+        old_rows = len(store) if store else 0
+        FeatureStore.build(store_path, meta, rows, attribute_columns, copy_from=store, copy_rows=old_rows)
+    elif store is not None:
+        store.close()
+    missing_ids = {m.id for m in missing}
+    wanted = {item.id for item in items} - missing_ids
+    todo = [i for i, r in enumerate(rows) if r.id in wanted and r.status != DONE]
+    with FeatureStore.open(store_path, writable=True) as writable:
+        if not rebuild:  # changed files keep their row: reset status and stats in place
+            todo_arr = np.array(todo, dtype=np.int64)
+            writable.set_column("status", todo_arr, PENDING)
+            writable.set_column("file_size", todo_arr, np.array([rows[i].size for i in todo], dtype=np.int64))
+            writable.set_column("file_mtime_ns", todo_arr,
+                                np.array([rows[i].mtime_ns for i in todo], dtype=np.int64))
+            writable.flush()
+        if todo and backbone is None:  # a no-op re-run never loads the model
+            backbone = create_backbone(spec, grid=grid, max_text_tokens=tokens).to(device)
+        failed = _run_batches(backbone, writable, rows, todo, options, progress) if todo else []
+    return ExtractReport(store=str(store_path), source_items=len(items), already_done=len(wanted) - len(todo),
+                         extracted=len(todo) - len(failed), skipped=list(listing.rejected) + missing + failed,
+                         seconds=time.perf_counter() - started)
+
+
+def _run_batches(backbone: Backbone, store: FeatureStore, rows: list[RowPlan], todo: list[int],
+                 options: ExtractOptions, progress: ProgressFn | None) -> list[Rejected]:
+    dataset = _PhotoDataset(todo, [rows[i].image for i in todo], backbone.image_size, options.max_pixels)
+    loader = DataLoader(dataset, batch_size=options.batch_size, num_workers=options.workers,
+                        collate_fn=_collate, worker_init_fn=_worker_init if options.workers else None,
+                        prefetch_factor=4 if options.workers else None,
+                        pin_memory=backbone.device.type == "cuda")
+    skipped: list[Rejected] = []
+    done = 0
+    if progress:
+        progress(0, len(todo))
+    for batch in loader:
+        good = [(row, pixels) for row, pixels, _, _ in batch if pixels is not None]
+        bad = [(row, reason, detail) for row, pixels, reason, detail in batch if pixels is None]
+        if good:
+            good_rows = np.array([row for row, _ in good], dtype=np.int64)
+            features = _encode(backbone, torch.from_numpy(np.stack([p for _, p in good])),
+                               [rows[r].text for r in good_rows.tolist()])
+            store.write_features(good_rows, features)
+            store.flush()  # features on disk before the rows say DONE
+            store.set_column("status", good_rows, DONE)
+        if bad:
+            store.set_column("status", np.array([b[0] for b in bad], dtype=np.int64), FAILED)
+            skipped += [Rejected(rows[r].id, rows[r].image, reason, detail, rows[r].image) for r, reason, detail in bad]
+        store.flush()
+        done += len(batch)
+        if progress:
+            progress(done, len(todo))
+    return skipped
+
+
+def _encode(backbone: Backbone, pixels: torch.Tensor, texts: list[str]) -> dict[str, np.ndarray]:
+    whole, regions = backbone.encode_images(pixels)  # [B,D], [B,R,D]
+    n = len(texts)
+    tokens = np.zeros((n, backbone.max_text_tokens, backbone.text_dim), np.float16)
+    lengths = np.zeros(n, np.int32)
+    sentence = np.zeros((n, backbone.text_dim), np.float16)
+    with_text = [i for i, t in enumerate(texts) if t]
+    if with_text:  # photos without a title stay image-only: zero tokens, length 0
+        text = backbone.encode_texts([texts[i] for i in with_text])
+        tokens[with_text] = text.tokens.cpu().numpy()
+        lengths[with_text] = text.lengths.cpu().numpy()
+        sentence[with_text] = text.sentence.cpu().numpy()
+    return {
+        "image_global": whole.cpu().numpy().astype(np.float16),
+        "regions": regions.cpu().numpy().astype(np.float16),
+        "region_mask": np.ones(regions.shape[:2], np.uint8),
+        "text_tokens": tokens,
+        "text_lengths": lengths,
+        "text_sentence": sentence,
+    }

@@ -1,0 +1,220 @@
+"""The HDF5 feature store: one file, readable with plain h5py (layout: data/STORE.md).
+
+Crash safety comes from the layout, not from luck. Every string (ids, paths, titles, attributes)
+and every dataset is written when the file is *built*, into a temporary file that atomically
+replaces the old one. Numeric datasets are contiguous and allocated at build time, so extraction
+afterwards only overwrites bytes in place: no HDF5 metadata changes while features are written.
+A row counts only once its `status` byte says DONE, and that byte is written after its features
+and a flush. A SIGKILL at any moment thus leaves either the old file or a valid file whose
+unfinished rows are still PENDING.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import HSLError
+
+SCHEMA_VERSION = 1
+PENDING, DONE, FAILED = 0, 1, 2
+_COPY_BLOCK = 1024  # rows per block when copying features into a rebuilt file
+_STRINGS = ("ids", "images", "texts")
+
+
+@dataclass
+class RowPlan:
+    """Everything about one row that is known before extraction."""
+
+    id: str
+    image: str
+    text: str
+    attributes: dict[str, str] = field(default_factory=dict)
+    size: int = -1
+    mtime_ns: int = -1
+    status: int = PENDING
+
+
+def _feature_shapes(meta: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    r, di, dt, t = meta["num_regions"], meta["image_dim"], meta["text_dim"], meta["max_text_tokens"]
+    return {
+        "image_global": ((di,), "f2"),
+        "regions": ((r, di), "f2"),
+        "region_mask": ((r,), "u1"),
+        "text_tokens": ((t, dt), "f2"),
+        "text_lengths": ((), "i4"),
+        "text_sentence": ((dt,), "f2"),
+        "file_size": ((), "i8"),
+        "file_mtime_ns": ((), "i8"),
+        "status": ((), "u1"),
+    }
+
+
+def _preallocated(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: str) -> h5py.Dataset:
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # all space now: later writes change no metadata
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # status=PENDING guards rows not yet written
+    return group.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl, track_times=False)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FeatureStore:
+    """A narrow view of one store file; open with `FeatureStore.open`, build with `FeatureStore.build`."""
+
+    def __init__(self, path: Path, handle: h5py.File) -> None:
+        self.path = path
+        self._f = handle
+        self.meta = _read_meta(path, handle)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, writable: bool = False) -> FeatureStore:
+        path = Path(path)
+        if not path.is_file():
+            raise HSLError(f"{path}: no such store; create it with `hsl extract SOURCE --store {path}`")
+        try:
+            handle = h5py.File(path, "r+" if writable else "r")
+        except OSError as exc:
+            raise HSLError(f"{path}: not a readable HDF5 store ({exc}); re-create it with hsl extract") from exc
+        return cls(path, handle)
+
+    @staticmethod
+    def build(path: str | os.PathLike, meta: dict, rows: Sequence[RowPlan], attribute_columns: list[str],
+              copy_from: FeatureStore | None = None, copy_rows: int = 0) -> None:
+        """Write a complete new file for `rows`; the first `copy_rows` keep `copy_from`'s features."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        n = len(rows)
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in meta.items()})
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["attribute_columns"] = json.dumps(attribute_columns)
+            text = h5py.string_dtype()
+            for name, values in zip(_STRINGS, ([r.id for r in rows], [r.image for r in rows],
+                                               [r.text for r in rows]), strict=True):
+                f.create_dataset(name, data=np.array(values, dtype=object), dtype=text)
+            group = f.create_group("attributes")
+            for column in attribute_columns:
+                group.create_dataset(column, data=np.array([r.attributes.get(column, "") for r in rows],
+                                                           dtype=object), dtype=text)
+            for name, (shape, dtype) in _feature_shapes(meta).items():
+                ds = _preallocated(f, name, (n, *shape), dtype)
+                for start in range(0, min(copy_rows, n), _COPY_BLOCK):
+                    stop = min(start + _COPY_BLOCK, copy_rows)
+                    ds[start:stop] = copy_from._f[name][start:stop]
+            f["status"][:] = np.array([r.status for r in rows], dtype=np.uint8)
+            f["file_size"][:] = np.array([r.size for r in rows], dtype=np.int64)
+            f["file_mtime_ns"][:] = np.array([r.mtime_ns for r in rows], dtype=np.int64)
+        _fsync_path(tmp)
+        if copy_from is not None:
+            copy_from.close()
+        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
+        _fsync_path(path.parent)
+
+    # -- reading ---------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self._f["ids"].shape[0])
+
+    def strings(self, name: str) -> list[str]:
+        """`ids`, `images` or `texts`, one per row."""
+        return list(self._f[name].asstr()[:])
+
+    def attributes(self) -> dict[str, list[str]]:
+        return {c: list(self._f["attributes"][c].asstr()[:]) for c in self.meta["attribute_columns"]}
+
+    def column(self, name: str) -> np.ndarray:
+        """A whole numeric dataset (status, file_size, ...) as numpy."""
+        return self._f[name][:]
+
+    def read_features(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Feature arrays for the given (sorted) row indices."""
+        rows = np.asarray(rows, dtype=np.int64)
+        names = ("image_global", "regions", "region_mask", "text_tokens", "text_lengths", "text_sentence")
+        out = {}
+        for name in names:
+            ds = self._f[name]
+            out[name] = ds[rows] if len(rows) else np.zeros((0, *ds.shape[1:]), ds.dtype)
+        return out
+
+    # -- writing in place ---------------------------------------------------------------------------
+    def write_features(self, rows: np.ndarray, features: dict[str, np.ndarray]) -> None:
+        """Overwrite the feature datasets at `rows` (sorted); callers set status afterwards."""
+        for name, values in features.items():
+            _write_rows(self._f[name], rows, values)
+
+    def set_column(self, name: str, rows: np.ndarray, values: np.ndarray | int) -> None:
+        _write_rows(self._f[name], rows, np.broadcast_to(np.asarray(values), (len(rows),)))
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f.id.valid:
+            self._f.close()
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def info(self) -> dict:
+        status = self.column("status")
+        return {
+            "path": str(self.path),
+            "count": int((status == DONE).sum()),
+            "rows": len(self),
+            "pending": int((status == PENDING).sum()),
+            "failed": int((status == FAILED).sum()),
+            "backbone": self.meta["backbone"],
+            "image_dim": self.meta["image_dim"],
+            "text_dim": self.meta["text_dim"],
+            "num_regions": self.meta["num_regions"],
+            "max_text_tokens": self.meta["max_text_tokens"],
+            "attribute_columns": self.meta["attribute_columns"],
+            "schema_version": self.meta["schema_version"],
+            "hsl_version": self.meta.get("hsl_version", ""),
+            "file_bytes": self.path.stat().st_size,
+        }
+
+
+def _write_rows(ds: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> None:
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) and rows[-1] - rows[0] == len(rows) - 1:  # one run of rows: a single slice write
+        ds[rows[0]:rows[-1] + 1] = values
+    else:
+        for row, value in zip(rows.tolist(), values, strict=True):
+            ds[row] = value
+
+
+def _read_meta(path: Path, handle: h5py.File) -> dict:
+    attrs = dict(handle.attrs)
+    version = attrs.get("schema_version")
+    if version is None or "ids" not in handle:
+        handle.close()
+        raise HSLError(f"{path}: an HDF5 file but not an hsl store (no schema_version); give another --store")
+    if int(version) != SCHEMA_VERSION:
+        handle.close()
+        raise HSLError(f"{path}: store schema {version}, this hsl reads {SCHEMA_VERSION}; re-extract it")
+    meta = {}
+    for key, value in attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode()
+        if isinstance(value, str) and value[:1] in "[{":
+            value = json.loads(value)
+        elif isinstance(value, np.generic):
+            value = value.item()
+        meta[key] = value
+    return meta

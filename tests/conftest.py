@@ -1,0 +1,69 @@
+"""Shared fixtures: synthetic product photos, a bad-photo corpus, the real catalog when present."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+FASHION = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion"
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "black": (20, 20, 20)}
+KINDS = ["shirt", "dress", "shoe", "watch"]
+
+
+def synthetic_photo(seed: int, size: int = 48) -> tuple[Image.Image, str]:
+    """A coloured shape on white with a matching title, e.g. 'red shirt 7'."""
+    rng = np.random.default_rng(seed)
+    colour = list(COLOURS)[seed % len(COLOURS)]
+    kind = KINDS[(seed // len(COLOURS)) % len(KINDS)]
+    pixels = np.full((size, size, 3), 255, np.uint8)
+    lo, hi = sorted(rng.integers(4, size - 4, 2))
+    pixels[lo:hi + 4, size // 4: 3 * size // 4] = COLOURS[colour]
+    pixels = np.clip(pixels.astype(int) + rng.integers(-10, 10, pixels.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels), f"{colour} {kind} {seed}"
+
+
+def write_folder(root: Path, n: int, size: int = 48) -> Path:
+    """n photos in two sub-folders, each with a sibling .txt title."""
+    for i in range(n):
+        image, title = synthetic_photo(i, size)
+        path = root / f"group{i % 2}" / f"item{i:04d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, quality=90)
+        path.with_suffix(".txt").write_text(title, encoding="utf-8")
+    return root
+
+
+def write_manifest(root: Path, n: int, extra_rows: list[dict] | None = None) -> Path:
+    """images/ID.jpg plus products.csv with id, image, text and two attribute columns."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        image, title = synthetic_photo(i)
+        image.save(root / "images" / f"p{i}.jpg")
+        rows.append({"id": f"p{i}", "image": f"images/p{i}.jpg", "text": title,
+                     "colour": title.split()[0], "kind": title.split()[1]})
+    rows += extra_rows or []
+    with open(root / "products.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["id", "image", "text", "colour", "kind"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root / "products.csv"
+
+
+@pytest.fixture
+def photo_folder(tmp_path: Path) -> Path:
+    return write_folder(tmp_path / "photos", 12)
+
+
+@pytest.fixture
+def fashion() -> Path:
+    if not (FASHION / "products.csv").is_file():
+        pytest.skip(f"real catalog not found at {FASHION} (it lives in ../shared/data/fashion beside the repo)")
+    return FASHION
