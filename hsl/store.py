@@ -127,12 +127,19 @@ class FeatureStore:
     def __len__(self) -> int:
         return int(self._f["ids"].shape[0])
 
-    def strings(self, name: str) -> list[str]:
-        """`ids`, `images` or `texts`, one per row."""
-        return list(self._f[name].asstr()[:])
+    def strings(self, name: str, rows: np.ndarray | None = None) -> list[str]:
+        """`ids`, `images` or `texts`: one per row, or for the given sorted rows only."""
+        return _pick_strings(self._f[name], rows)
 
-    def attributes(self) -> dict[str, list[str]]:
-        return {c: list(self._f["attributes"][c].asstr()[:]) for c in self.meta["attribute_columns"]}
+    def attributes(self, rows: np.ndarray | None = None) -> dict[str, list[str]]:
+        group = self._f["attributes"]
+        return {c: _pick_strings(group[c], rows) for c in self.meta["attribute_columns"]}
+
+    def row_strings(self, row: int) -> dict:
+        """id, image, text and attributes of one row (for showing a search hit)."""
+        return {"id": self._f["ids"].asstr()[row], "image": self._f["images"].asstr()[row],
+                "text": self._f["texts"].asstr()[row],
+                "attributes": {c: self._f["attributes"][c].asstr()[row] for c in self.meta["attribute_columns"]}}
 
     def column(self, name: str) -> np.ndarray:
         """A whole numeric dataset (status, file_size, ...) as numpy."""
@@ -145,7 +152,11 @@ class FeatureStore:
         out = {}
         for name in names:
             ds = self._f[name]
-            out[name] = ds[rows] if len(rows) else np.zeros((0, *ds.shape[1:]), ds.dtype)
+            if len(rows) == 0:
+                out[name] = np.zeros((0, *ds.shape[1:]), ds.dtype)
+            else:  # one contiguous read, then pick: h5py's per-row fancy indexing is slow
+                first, last = int(rows[0]), int(rows[-1])
+                out[name] = ds[first:last + 1][rows - first]
         return out
 
     # -- writing in place ---------------------------------------------------------------------------
@@ -188,6 +199,17 @@ class FeatureStore:
             "hsl_version": self.meta.get("hsl_version", ""),
             "file_bytes": self.path.stat().st_size,
         }
+
+
+def _pick_strings(ds: h5py.Dataset, rows: np.ndarray | None) -> list[str]:
+    text = ds.asstr()
+    if rows is None:
+        return list(text[:])
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) > ds.shape[0] // 10:  # most rows: one read, then pick (h5py point selection is slow)
+        everything = text[:]
+        return [everything[i] for i in rows]
+    return list(text[rows]) if len(rows) else []
 
 
 def _write_rows(ds: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> None:

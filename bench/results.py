@@ -1,0 +1,87 @@
+"""Train and score configs over several seeds on one store; print a markdown table of mean ± spread.
+
+Each (config, seed) run trains with `hsl.train.train` (fixed hashed test split of 15% of the
+products, validation 10% by seed), then scores the best epoch on the test split: instance
+retrieval (each title finds its own photo), graded NDCG@10 on attribute queries, and HP@5 over
+the category tree. Finished runs are kept in OUT/NAME-sSEED/result.json and not run again, so
+the script resumes after an interruption.
+
+    python bench/results.py --store fashion.h5 --out runs --configs hsl-default dual --seeds 0 1 2
+    python bench/results.py --out runs --configs hsl-default dual --seeds 0 1 2 --table-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from hsl.evaluate import evaluate
+from hsl.train import TrainOptions, train
+
+QUERIES = Path(__file__).resolve().parents[1] / "data" / "queries" / "fashion_attributes.jsonl"
+HIERARCHY = ["masterCategory", "subCategory", "articleType"]
+COLUMNS = ["R@1", "R@5", "R@10", "MRR", "NDCG@5", "gNDCG@10", "HP@5", "train_s"]
+
+
+def run_one(store: Path, out: Path, config: str, seed: int, epochs: int | None) -> dict:
+    done = out / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    started = time.perf_counter()
+    record = train(store, out / "model", TrainOptions(config=config, seed=seed, epochs=epochs, resume=(out / "model"
+                   / "checkpoint" / "state.json").is_file()))
+    seconds = time.perf_counter() - started
+    instance = evaluate(store, out / "model", hierarchy=HIERARCHY)
+    graded = evaluate(store, out / "model", queries_path=str(QUERIES))
+    result = {"config": config, "seed": seed, "best_epoch": record["best"]["epoch"], "train_s": round(seconds, 1),
+              **instance["metrics"], **graded["metrics"], "test_products": instance["gallery"],
+              "attribute_queries": graded["queries"]}
+    done.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    lines = ["| config | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+    for name, runs in results.items():
+        cells = []
+        for column in COLUMNS:
+            values = [r[column] for r in runs if column in r]
+            if not values:
+                cells.append("-")
+                continue
+            scale = 1 if column == "train_s" else 100  # metrics in points
+            mean = statistics.mean(values) * scale
+            spread = (statistics.stdev(values) * scale) if len(values) > 1 else 0.0
+            cells.append(f"{mean:.0f} ± {spread:.0f}" if column == "train_s" else f"{mean:.1f} ± {spread:.1f}")
+        lines.append(f"| {name} ({len(runs)} seeds) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--configs", nargs="+", default=["hsl-default", "dual"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=None, help="override every config's epochs")
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args()
+    results: dict[str, list[dict]] = {}
+    for config in args.configs:
+        for seed in args.seeds:
+            run_dir = args.out / f"{Path(config).stem}-s{seed}"
+            if args.table_only:
+                if (run_dir / "result.json").is_file():
+                    results.setdefault(config, []).append(json.loads((run_dir / "result.json").read_text()))
+                continue
+            result = run_one(args.store, run_dir, config, seed, args.epochs)
+            results.setdefault(config, []).append(result)
+            print(json.dumps(result), flush=True)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

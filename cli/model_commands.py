@@ -1,0 +1,87 @@
+"""`hsl train` and `hsl eval`: learn the HSL heads on a store, and score a trained model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .app import app
+from .options import DeviceOption, JsonOption, QuietOption, StoreOption
+from .render import err, handle_errors, out, print_json, progress_bar
+
+ModelOption = Annotated[Path, typer.Option("--model", "-m", help="Trained model folder.")]
+
+
+@app.command()
+@handle_errors
+def train(
+    store: StoreOption,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
+    config: Annotated[str, typer.Option(help="Config name (hsl-default, hsl-paper, dual, ...) or JSON path.")]
+    = "hsl-default",
+    epochs: Annotated[int | None, typer.Option(min=1, help="Default: the config's.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=2, help="Default: the config's.")] = None,
+    lr: Annotated[float | None, typer.Option(min=0, help="Learning rate. Default: the config's.")] = None,
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of products for validation.")] = 0.1,
+    test_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Fixed hold-out never trained on.")] = 0.15,
+    seed: Annotated[int, typer.Option(help="Seed of the split, shuffle and initialisation.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the last finished epoch in --out.")] = False,
+    device: DeviceOption = "cpu",
+    quiet: QuietOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Train HSL on the (title, photo) pairs of a store; keeps the best epoch by validation R@10."""
+    from hsl.extract import resolve_device
+    from hsl.train import TrainOptions
+    from hsl.train import train as run_train
+
+    options = TrainOptions(config=config, epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
+                           test_fraction=test_fraction, seed=seed, device=str(resolve_device(device)), resume=resume)
+
+    def report_epoch(entry: dict) -> None:
+        if not quiet:
+            val = entry["val"]
+            err.print(f"epoch {entry['epoch']}: loss {entry['loss']:.4f}  val R@1 {val['R@1']:.3f}  "
+                      f"R@5 {val['R@5']:.3f}  R@10 {val['R@10']:.3f}  ({entry['seconds']:.0f}s)", highlight=False)
+
+    with progress_bar("training", quiet, unit="steps") as progress:
+        record = run_train(store, out_dir, options, on_step=lambda step, total, loss: progress(step, total),
+                           on_epoch=report_epoch)
+    best = record["best"]
+    if json_output:
+        print_json({"out": str(out_dir), "best_epoch": best["epoch"], "val": best["val"], "split": record["split"]})
+    else:
+        out.print(f"best epoch {best['epoch']}: val R@10 {best['val']['R@10']:.3f} -> {out_dir}", highlight=False)
+
+
+@app.command("eval")
+@handle_errors
+def evaluate(
+    store: StoreOption,
+    model: ModelOption,
+    queries: Annotated[Path | None, typer.Option(help="JSONL: {query, relevant: [ids]} or {query, attributes}.")]
+    = None,
+    split: Annotated[str, typer.Option(help="auto (the model's test split), all, train, val or test.")] = "auto",
+    hierarchy: Annotated[str | None, typer.Option(help="Category columns, root first, for HP@K.")] = None,
+    device: DeviceOption = "cpu",
+    json_output: JsonOption = False,
+) -> None:
+    """Score a trained model: Recall@K, MRR, mAP, P@K, NDCG@5 (KDD Cup 2020), graded NDCG@10, HP@K."""
+    from hsl.evaluate import evaluate as run_eval
+    from hsl.extract import resolve_device
+
+    columns = [c.strip() for c in hierarchy.split(",")] if hierarchy else None
+    result = run_eval(store, model, str(queries) if queries else None, split=split, hierarchy=columns,
+                      device=str(resolve_device(device)))
+    if json_output:
+        print_json(result)
+        return
+    table = Table(title=f"{result['queries']} queries, gallery of {result['gallery']} ({result['split']} split)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in result["metrics"].items():
+        table.add_row(name, f"{value:.4f}")
+    out.print(table)

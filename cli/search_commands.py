@@ -1,0 +1,108 @@
+"""`hsl query` and `hsl index`: search a store with words, and build its search index."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .app import app
+from .options import DeviceOption, JsonOption, QuietOption, StoreOption
+from .render import err, handle_errors, out, print_json, progress_bar
+
+ModelOption = Annotated[Path | None, typer.Option("--model", "-m", help="Model folder (default: the shipped one).")]
+
+
+def _read_queries(source: str) -> list[str]:
+    from hsl.errors import HSLUsageError
+
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HSLUsageError(f"--queries {source}: cannot read it ({exc})") from exc
+    return [line for line in text.splitlines() if line.strip()]
+
+
+@app.command()
+@handle_errors
+def query(
+    text: Annotated[str | None, typer.Argument(help="What the shopper types, e.g. 'red floral summer dress'.")]
+    = None,
+    store: StoreOption = Path("catalog.h5"),
+    model: ModelOption = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Results per query.")] = 10,
+    where: Annotated[list[str] | None, typer.Option(help="Filter: COLUMN=VALUE (repeatable).")] = None,
+    queries: Annotated[str | None, typer.Option(help="A file of queries, one per line ('-': stdin).")] = None,
+    html: Annotated[Path | None, typer.Option(help="Also write a self-contained HTML page of the results.")] = None,
+    device: DeviceOption = "cpu",
+    quiet: QuietOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Search a store with words; prints the best products (a table, or JSON with --json)."""
+    from hsl.errors import HSLUsageError
+    from hsl.search import Searcher, parse_where
+
+    if (text is None) == (queries is None):
+        raise HSLUsageError("give a query text or --queries FILE (not both)")
+    texts = _read_queries(queries) if queries else [text]
+    filters = parse_where(where or [])
+    with progress_bar("indexing", quiet, unit="products") as progress:
+        searcher = Searcher(store, model, device=device, progress=progress)
+    if model is None and not quiet:
+        err.print(f"using the default model ({searcher.model_dir})", highlight=False)
+    results = [searcher.search(t, top_k=top_k, where=filters) for t in texts]
+    for result in results:
+        for warning in result.warnings:
+            err.print(f"[yellow]warning:[/yellow] {warning}")
+    if html:
+        from hsl.html import write_page
+
+        write_page(results, html)
+        if not quiet:
+            err.print(f"wrote {html}")
+    if json_output:
+        for result in results:
+            print_json({"query": result.query, "model": str(searcher.model_dir), "store": str(store),
+                        "results": [hit.__dict__ for hit in result.hits]})
+        return
+    for result in results:
+        _print_table(result)
+
+
+def _print_table(result: object) -> None:
+    table = Table(title=f"“{result.query}”", title_justify="left")
+    for name, justify in (("#", "right"), ("score", "right"), ("id", "left"), ("title", "left"),
+                          ("attributes", "left"), ("image", "left")):
+        table.add_column(name, justify=justify, overflow="fold")
+    for hit in result.hits:
+        attributes = ", ".join(v for v in list(hit.attributes.values())[:4] if v)
+        table.add_row(str(hit.rank), f"{hit.score:.3f}", hit.id, hit.text, attributes, hit.image)
+    if not result.hits:
+        out.print(f"no products match “{result.query}” with these filters", highlight=False)
+        return
+    out.print(table)
+
+
+@app.command()
+@handle_errors
+def index(
+    store: StoreOption = Path("catalog.h5"),
+    model: ModelOption = None,
+    device: DeviceOption = "cpu",
+    quiet: QuietOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Compute the image side of HSL for every product once (queries build it when missing)."""
+    from hsl.search import Searcher
+
+    with progress_bar("indexing", quiet, unit="products") as progress:
+        searcher = Searcher(store, model, device=device, progress=progress)
+    payload = {"store": str(store), "model": str(searcher.model_dir), "products": len(searcher.rows),
+               "dims": int(searcher.vectors.shape[1]), "exact_inner_product": searcher.model.exact_by_inner_product}
+    if json_output:
+        print_json(payload)
+    else:
+        out.print(f"index of {payload['products']} products ({payload['dims']} dims) ready", highlight=False)

@@ -1,0 +1,90 @@
+"""`hsl extract` and `hsl info`: build a feature store and look inside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .app import app
+from .options import BatchOption, DeviceOption, JsonOption, QuietOption, StoreOption
+from .render import err, handle_errors, out, print_json, progress_bar
+
+
+@app.command()
+@handle_errors
+def extract(
+    source: Annotated[Path, typer.Argument(help="A folder of photos, or a .csv / .jsonl manifest.")],
+    store: StoreOption = Path("catalog.h5"),
+    backbone: Annotated[str | None, typer.Option(help="minilm-effnet (default), tiny, openclip:ARCH/TAG|PATH."
+                                                 " Default: the store's own, for an existing store.")] = None,
+    grid: Annotated[int | None, typer.Option(min=1, help="Pool the region grid to N x N cells.")] = None,
+    max_text_tokens: Annotated[int | None, typer.Option(min=1, help="Title tokens kept per product.")] = None,
+    id_column: Annotated[str, typer.Option(help="Manifest column with the product id.")] = "id",
+    image_column: Annotated[str, typer.Option(help="Manifest column with the image path.")] = "image",
+    text_column: Annotated[str, typer.Option(help="Manifest column with the title.")] = "text",
+    image_template: Annotated[str | None, typer.Option(help="Build the image path, e.g. 'images/{id}.jpg'.")] = None,
+    batch_size: BatchOption = 32,
+    workers: Annotated[int | None, typer.Option(min=0, help="Photo-decoding processes (default: cores-1).")] = None,
+    device: DeviceOption = "auto",
+    max_pixels: Annotated[int | None, typer.Option(min=1, help="Refuse photos with more pixels.")] = None,
+    limit: Annotated[int | None, typer.Option(min=0, help="Only the first N products of the source.")] = None,
+    errors: Annotated[Path | None, typer.Option(help="Write one JSON line per skipped item here.")] = None,
+    strict: Annotated[bool, typer.Option(help="Exit 1 when any item was skipped.")] = False,
+    quiet: QuietOption = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Extract photo and title features into an HDF5 store (resumable; re-runs add only what is new)."""
+    from hsl.extract import ExtractOptions, default_workers
+    from hsl.extract import extract as run_extract
+    from hsl.images import DEFAULT_MAX_PIXELS
+    from hsl_data.sources import Columns
+
+    options = ExtractOptions(
+        backbone=backbone, grid=grid, max_text_tokens=max_text_tokens, batch_size=batch_size,
+        workers=default_workers() if workers is None else workers, device=device,
+        max_pixels=max_pixels or DEFAULT_MAX_PIXELS, limit=limit,
+        columns=Columns(id=id_column, image=image_column, text=text_column, image_template=image_template))
+    with progress_bar("extracting", quiet, unit="img") as progress:
+        report = run_extract(source, store, options, progress=progress)
+    if errors is not None:
+        report.write_errors(errors)
+    summary = {"store": report.store, "source_items": report.source_items, "extracted": report.extracted,
+               "already_done": report.already_done, "skipped": len(report.skipped),
+               "skipped_by_reason": report.skipped_by_reason(), "seconds": round(report.seconds, 2)}
+    if json_output:
+        print_json(summary)
+    else:
+        out.print(f"{report.extracted} extracted, {report.already_done} already in the store, "
+                  f"{len(report.skipped)} skipped in {report.seconds:.1f}s -> {report.store}", highlight=False)
+        for reason, count in report.skipped_by_reason().items():
+            out.print(f"  skipped {count:>6} {reason}", highlight=False)
+        for item in report.skipped[:5]:
+            err.print(f"  skipped {item.where}: {item.reason} ({item.detail})", highlight=False, soft_wrap=True)
+        if len(report.skipped) > 5:
+            err.print(f"  ... {len(report.skipped) - 5} more" + ("" if errors else "; list them with --errors FILE"))
+    if strict and report.skipped:
+        raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
+def info(store: Annotated[Path, typer.Argument(help="HDF5 feature store.")], json_output: JsonOption = False) -> None:
+    """Show what a store holds: count, backbone, feature sizes, attribute columns, size on disk."""
+    from hsl.store import FeatureStore
+
+    with FeatureStore.open(store) as opened:
+        facts = opened.info()
+    if json_output:
+        print_json(facts)
+        return
+    table = Table(show_header=False, box=None)
+    for key, value in facts.items():
+        if key == "file_bytes":
+            value = f"{value / 1e6:,.1f} MB"
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value)) or "-"
+        table.add_row(key, str(value))
+    out.print(table)

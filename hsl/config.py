@@ -1,0 +1,138 @@
+"""Model architectures as small JSON files (hsl/configs/*.json) read into a frozen dataclass.
+
+Every size of the HSL network is a config value; ablations (one level, one granularity, the
+dual-encoder baseline) are configs too, never code branches. A saved model's `config.json` is
+the same dict plus a `meta` entry, so it also loads here (the `meta` entry is ignored).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import HSLUsageError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+GRANULARITIES = ("object", "image")
+AGGREGATIONS = ("mean", "max", "topk")
+# Official HSL code (parser.py): Adam 2e-4, StepLR gamma 0.9 every epoch, grad-norm clip 2.0, batch 256.
+DEFAULT_TRAINING = {"lr": 2e-4, "lr_decay": 0.9, "grad_clip": 2.0, "batch_size": 256, "epochs": 10,
+                    "weight_decay": 0.0}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    description: str = ""
+    levels: int = 2  # stacked encoder levels L (paper: 2)
+    d_model: int = 256  # transformer width
+    heads: int = 4
+    ff_dim: int = 1024  # transformer feed-forward width
+    dropout: float = 0.1
+    image_layers: int = 1  # transformer layers in each image level
+    text_layers: int = 1  # transformer layers in each text level
+    joint_dim: int = 256  # J: size of object, image and query vectors
+    region_grid: int = 0  # pool the store's region grid to N x N cells before the model (0: as stored)
+    level_weights: tuple[float, ...] = (0.5, 1.0)  # w_l, one per level; official: deepest 1.0, level 1 0.5
+    granularities: tuple[str, ...] = GRANULARITIES  # which terms S_obj / S_img enter the score and loss
+    agg: str = "mean"  # how S_obj pools region scores: mean | max | topk (mean of the k best)
+    topk: int = 3
+    normalize_query: bool = False  # L2-normalise q1/q2 (the official code does; DESIGN leaves it open)
+    # Multiplier on every similarity before the in-batch softmax. The official code has none (scale 1)
+    # with both sides L2-normalised, so its logits live in [-1, 1]: a 256-way softmax can then never
+    # single out the positive (loss floor ~log(1 + 255 e^-2) = 3.5) and all negatives keep pulling.
+    # 10 (temperature 0.1) sits in the usual contrastive range (InfoNCE/VSE 0.05-0.1, CLIP's init 1/0.07)
+    # and, with unnormalised queries, only sets the starting temperature: |q| can still grow or shrink.
+    logit_scale: float = 10.0
+    losses: dict[str, float] = field(default_factory=lambda: {"hsl": 1.0})  # loss name -> weight
+    training: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TRAINING))
+
+    def __post_init__(self) -> None:
+        where = f"config {self.name!r}"
+        for key in ("levels", "d_model", "heads", "ff_dim", "image_layers", "text_layers", "joint_dim", "topk"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise HSLUsageError(f"{where}: {key} must be a positive integer, got {value!r}")
+        if not isinstance(self.region_grid, int) or self.region_grid < 0:
+            raise HSLUsageError(f"{where}: region_grid must be 0 (as stored) or a positive integer")
+        if self.d_model % self.heads:
+            raise HSLUsageError(f"{where}: d_model {self.d_model} is not divisible by heads {self.heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise HSLUsageError(f"{where}: dropout must be in [0, 1), got {self.dropout!r}")
+        if len(self.level_weights) != self.levels:
+            raise HSLUsageError(f"{where}: level_weights has {len(self.level_weights)} entries for "
+                                f"{self.levels} levels; give one weight per level")
+        unknown = [g for g in self.granularities if g not in GRANULARITIES]
+        if unknown or not self.granularities or len(set(self.granularities)) != len(self.granularities):
+            raise HSLUsageError(f"{where}: granularities must be distinct values of {list(GRANULARITIES)}, "
+                                f"got {list(self.granularities)}")
+        if self.agg not in AGGREGATIONS:
+            raise HSLUsageError(f"{where}: agg must be one of {list(AGGREGATIONS)}, got {self.agg!r}")
+        if not self.logit_scale > 0:
+            raise HSLUsageError(f"{where}: logit_scale must be positive, got {self.logit_scale!r}")
+        bad_training = sorted(set(self.training) - set(DEFAULT_TRAINING))
+        if bad_training:
+            raise HSLUsageError(f"{where}: unknown training setting {bad_training[0]!r}; "
+                                f"known: {sorted(DEFAULT_TRAINING)}")
+        if not self.losses:
+            raise HSLUsageError(f"{where}: losses is empty; give at least {{\"hsl\": 1.0}}")
+
+
+def config_from_dict(data: dict[str, Any], source: str) -> ModelConfig:
+    """A ModelConfig from a parsed JSON dict; `source` (a file or name) appears in error messages."""
+    if not isinstance(data, dict):
+        raise HSLUsageError(f"{source}: a model config must be a JSON object")
+    data = {k: v for k, v in data.items() if k != "meta"}  # a saved model's config.json carries meta
+    known = {f.name for f in fields(ModelConfig)}
+    for key in data:
+        if key not in known:
+            raise HSLUsageError(f"{source}: unknown config key {key!r}; known keys: {sorted(known)}")
+    data.setdefault("name", Path(source).stem)
+    for key in ("level_weights", "granularities"):
+        if key in data:
+            if not isinstance(data[key], (list, tuple)):
+                raise HSLUsageError(f"{source}: {key} must be a list, got {data[key]!r}")
+            data[key] = tuple(data[key])
+    if "level_weights" in data:
+        data["level_weights"] = tuple(float(w) for w in data["level_weights"])
+    if "training" in data:
+        data["training"] = {**DEFAULT_TRAINING, **data["training"]}
+    for key in ("dropout", "logit_scale"):
+        if isinstance(data.get(key), int) and not isinstance(data[key], bool):
+            data[key] = float(data[key])
+    try:
+        return ModelConfig(**data)
+    except HSLUsageError as error:
+        raise HSLUsageError(f"{source}: {error}") from None
+
+
+def list_configs() -> list[str]:
+    """Names of the configs shipped in hsl/configs/ (the JSON file names without .json)."""
+    return sorted(path.stem for path in CONFIG_DIR.glob("*.json"))
+
+
+def load_config(name_or_path: str | Path) -> ModelConfig:
+    """A config by name (see list_configs()) or by the path of a JSON file."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        if str(name_or_path).endswith(".json") or len(path.parts) > 1:
+            raise HSLUsageError(f"config file {path} not found")
+        path = CONFIG_DIR / f"{name_or_path}.json"
+        if not path.is_file():
+            raise HSLUsageError(f"unknown model config {str(name_or_path)!r}; "
+                                f"choose one of {list_configs()} or give a JSON file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise HSLUsageError(f"{path}: cannot read the model config ({error})") from None
+    return config_from_dict(data, str(path))
+
+
+def config_to_dict(config: ModelConfig) -> dict[str, Any]:
+    """Plain JSON-ready dict (tuples become lists); config_from_dict reads it back."""
+    data = asdict(config)
+    data["level_weights"] = list(config.level_weights)
+    data["granularities"] = list(config.granularities)
+    return data

@@ -1,0 +1,130 @@
+"""Products from a store as model inputs, and the deterministic id-based splits.
+
+The image input of HSL is a set of regions: the whole-image vector first, then the grid cells
+(DESIGN.md: "regions ... plus the whole-image feature"). Tensors stay float16 in memory (the
+catalog's 7.4k products take about 1 GB) and become float32 one batch at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import HSLError, StoreMismatchError
+from .store import DONE, FeatureStore
+
+TEST_SALT = "hsl-test-split"  # fixed: the test split never depends on the training seed
+
+
+def in_fraction(item_id: str, fraction: float, salt: str) -> bool:
+    """A stable coin toss per id: the same id lands on the same side in every run and store."""
+    digest = hashlib.sha256(f"{salt}:{item_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+@dataclass
+class Products:
+    """In-memory model inputs for a set of store rows (float16, CPU)."""
+
+    ids: list[str]
+    texts: list[str]
+    attributes: dict[str, list[str]]
+    images: list[str]
+    regions: torch.Tensor  # [N, 1+R, D] whole-image vector first, then the grid cells
+    region_mask: torch.Tensor  # [N, 1+R] bool
+    tokens: torch.Tensor  # [N, T, Dt]
+    token_mask: torch.Tensor  # [N, T] bool
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, index: np.ndarray | list[int]) -> Products:
+        index = np.asarray(index, dtype=np.int64)
+        pick = torch.from_numpy(index)
+        return Products(
+            ids=[self.ids[i] for i in index], texts=[self.texts[i] for i in index],
+            attributes={k: [v[i] for i in index] for k, v in self.attributes.items()},
+            images=[self.images[i] for i in index], regions=self.regions[pick],
+            region_mask=self.region_mask[pick], tokens=self.tokens[pick], token_mask=self.token_mask[pick])
+
+    def image_batch(self, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.regions[index].to(device).float(), self.region_mask[index].to(device)
+
+    def text_batch(self, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = self.token_mask[index]  # [B,T]
+        longest = int(mask.sum(1).max())  # titles are short: no compute on columns that are all padding
+        return self.tokens[index, :longest].to(device).float(), mask[:, :longest].to(device)
+
+    def title_keys(self) -> torch.Tensor:
+        """[N] int: equal for products with the same normalised title (in-batch false negatives)."""
+        seen: dict[str, int] = {}
+        return torch.tensor([seen.setdefault(" ".join(t.lower().split()), len(seen)) for t in self.texts])
+
+
+def pool_regions(regions: torch.Tensor, grid: int) -> torch.Tensor:
+    """[N,g*g,D] grid cells -> [N,grid*grid,D] by adaptive average pooling (fewer, larger regions)."""
+    side = int(round(regions.shape[1] ** 0.5))
+    if side * side != regions.shape[1]:
+        raise HSLError(f"region_grid needs a square grid of regions, the store has {regions.shape[1]}")
+    out = []
+    for start in range(0, len(regions), 1024):  # in blocks: float32 copies of the whole store would not fit
+        block = regions[start:start + 1024].float().transpose(1, 2).unflatten(2, (side, side))  # [n,D,g,g]
+        out.append(F.adaptive_avg_pool2d(block, grid).flatten(2).transpose(1, 2).half())  # [n,grid²,D]
+    return torch.cat(out)
+
+
+def load_products(store: FeatureStore, require_text: bool = False, region_grid: int = 0,
+                  rows: np.ndarray | None = None) -> Products:
+    """Every DONE row of the store (or the given sorted `rows`), regions pooled to `region_grid`."""
+    if rows is None:
+        keep = store.column("status") == DONE
+        if require_text:
+            keep &= store.column("text_lengths") > 0
+        rows = np.flatnonzero(keep)
+        if len(rows) == 0:
+            raise HSLError(f"{store.path}: no extracted products{' with a title' if require_text else ''}; "
+                           "run hsl extract first")
+    feats = store.read_features(rows)
+    whole = torch.from_numpy(feats["image_global"])[:, None]  # [N,1,D]
+    cells, cell_mask = torch.from_numpy(feats["regions"]), torch.from_numpy(feats["region_mask"]).bool()
+    if region_grid and region_grid * region_grid != cells.shape[1]:
+        cells = pool_regions(cells, region_grid)
+        cell_mask = torch.ones(cells.shape[:2], dtype=torch.bool)
+    regions = torch.cat([whole, cells], dim=1)  # [N,1+R,D]
+    region_mask = torch.cat([torch.ones(len(rows), 1, dtype=torch.bool), cell_mask], dim=1)  # [N,1+R]
+    lengths = torch.from_numpy(feats["text_lengths"]).long()
+    positions = torch.arange(feats["text_tokens"].shape[1])
+    token_mask = positions[None] < lengths.clamp(min=1)[:, None]  # [N,T]; an empty title keeps one zero token
+    return Products(
+        ids=store.strings("ids", rows), texts=store.strings("texts", rows), attributes=store.attributes(rows),
+        images=store.strings("images", rows), regions=regions, region_mask=region_mask,
+        tokens=torch.from_numpy(feats["text_tokens"]), token_mask=token_mask)
+
+
+@dataclass(frozen=True)
+class Split:
+    test_fraction: float
+    val_fraction: float
+    seed: int
+
+    def side(self, item_id: str) -> str:
+        if in_fraction(item_id, self.test_fraction, TEST_SALT):
+            return "test"
+        return "val" if in_fraction(item_id, self.val_fraction, f"hsl-val-{self.seed}") else "train"
+
+    def indices(self, ids: list[str]) -> dict[str, np.ndarray]:
+        sides = np.array([self.side(i) for i in ids])
+        return {name: np.flatnonzero(sides == name) for name in ("train", "val", "test")}
+
+
+def check_backbone(store: FeatureStore, meta: dict, model_dir: str) -> None:
+    """A model only reads features of the backbone (and sizes) it was trained on."""
+    for key in ("backbone", "image_dim", "text_dim"):
+        if key in meta and meta[key] != store.meta[key]:
+            raise StoreMismatchError(
+                f"model {model_dir} was trained on {key} {meta[key]!r}, store {store.path} has "
+                f"{store.meta[key]!r}; extract with --backbone {meta.get('backbone')} or train on this store")

@@ -1,0 +1,176 @@
+"""`hsl eval`: rank a gallery of products for each query and score the rankings.
+
+Queries are either each product's own title (instance retrieval: Recall@K, MRR, ...) or a JSONL
+file of free-text queries with relevant ids (binary) or attributes (graded relevance = share of
+the named attributes a product matches).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .dataset import Products, Split, check_backbone, load_products
+from .errors import HSLError, HSLUsageError
+from .metrics import graded_ndcg_at_k, hierarchical_precision_at_k, mrr, summarize
+
+_BLOCK = 256  # queries or gallery images per block: bounds memory of the [Bq, Bi, R] object scores
+
+
+@torch.no_grad()
+def encode_gallery(model: torch.nn.Module, gallery: Products, device: torch.device) -> list:
+    """Image encodings of the whole gallery, one per block of _BLOCK products."""
+    model.eval()
+    blocks = []
+    for start in range(0, len(gallery), _BLOCK):
+        index = torch.arange(start, min(start + _BLOCK, len(gallery)))
+        blocks.append(model.encode_image(*gallery.image_batch(index, device)))
+    return blocks
+
+
+@torch.no_grad()
+def score_matrix(model: torch.nn.Module, gallery_blocks: list, tokens: torch.Tensor, token_mask: torch.Tensor,
+                 device: torch.device) -> torch.Tensor:
+    """[Q, N] exact HSL scores of every query against every gallery product."""
+    model.eval()
+    rows = []
+    for start in range(0, len(tokens), _BLOCK):
+        text = model.encode_text(tokens[start:start + _BLOCK].to(device).float(),
+                                 token_mask[start:start + _BLOCK].to(device))
+        rows.append(torch.cat([model.similarities(text, image)["total"] for image in gallery_blocks], dim=1))
+    return torch.cat(rows, dim=0).cpu()  # [Q,N]
+
+
+def rank_products(model: torch.nn.Module, gallery: Products, tokens: torch.Tensor, token_mask: torch.Tensor,
+                  device: torch.device, top_k: int = 10) -> list[list[str]]:
+    scores = score_matrix(model, encode_gallery(model, gallery, device), tokens, token_mask, device)
+    top = scores.topk(min(top_k, scores.shape[1]), dim=1).indices  # [Q,k]
+    return [[gallery.ids[j] for j in row] for row in top.tolist()]
+
+
+@dataclass
+class Queries:
+    texts: list[str]
+    relevant: list[set[str]] | None = None
+    attributes: list[dict[str, str]] | None = None
+
+
+def read_queries(path: str | os.PathLike) -> Queries:
+    """JSONL: {"query": ..., "relevant": [ids]} or {"query": ..., "attributes": {column: value}}."""
+    texts, relevant, attributes = [], [], []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise HSLUsageError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(row, dict) or not str(row.get("query", "")).strip():
+                raise HSLUsageError(f"{path}:{number}: each line needs a non-empty \"query\"")
+            if ("relevant" in row) == ("attributes" in row):
+                raise HSLUsageError(f"{path}:{number}: give exactly one of \"relevant\" or \"attributes\"")
+            texts.append(str(row["query"]).strip())
+            if "relevant" in row:
+                relevant.append({str(i) for i in row["relevant"]})
+            else:
+                attributes.append({str(k): str(v) for k, v in row["attributes"].items()})
+    if not texts:
+        raise HSLUsageError(f"{path}: no queries")
+    if relevant and attributes:
+        raise HSLUsageError(f"{path}: mixes \"relevant\" and \"attributes\" lines; use one kind per file")
+    return Queries(texts, relevant or None, attributes or None)
+
+
+def attribute_gains(gallery: Products, wanted: dict[str, str]) -> np.ndarray:
+    """[N] share of the query's named attributes that each gallery product matches."""
+    for column in wanted:
+        if column not in gallery.attributes:
+            raise HSLUsageError(f"query attribute {column!r} is not a store column "
+                                f"({', '.join(gallery.attributes) or 'none'})")
+    matches = [np.array(gallery.attributes[c]) == v for c, v in wanted.items()]
+    return np.mean(matches, axis=0) if matches else np.zeros(len(gallery))
+
+
+def evaluate(store_path: str | os.PathLike, model_dir: str | os.PathLike, queries_path: str | None = None,
+             split: str = "auto", hierarchy: list[str] | None = None, device: str = "cpu") -> dict:
+    """Metrics of a trained model on a store; see the module docstring for the query kinds."""
+    from .factory import load_model
+    from .store import FeatureStore
+
+    model, meta = load_model(model_dir)
+    torch_device = torch.device(device)
+    model.to(torch_device)
+    with FeatureStore.open(store_path) as store:
+        check_backbone(store, meta, str(model_dir))
+        products = load_products(store, require_text=queries_path is None, region_grid=model.config.region_grid)
+        max_text_tokens = int(store.meta["max_text_tokens"])
+    gallery = _split_products(products, meta, split)
+    k = 10
+    if queries_path is None:
+        ranked = rank_products(model, gallery, gallery.tokens, gallery.token_mask, torch_device, top_k=k)
+        relevant = [{i} for i in gallery.ids]
+        metrics = summarize(ranked, relevant)
+        query_paths = None if not hierarchy else [_path(gallery, hierarchy, i) for i in range(len(gallery))]
+    else:
+        queries = read_queries(queries_path)
+        tokens, mask = encode_query_texts(meta["backbone"], queries.texts, max_text_tokens)
+        scores = score_matrix(model, encode_gallery(model, gallery, torch_device), tokens, mask, torch_device)
+        top = scores.topk(min(k, len(gallery)), dim=1).indices.tolist()
+        ranked = [[gallery.ids[j] for j in row] for row in top]
+        metrics = {}
+        if queries.relevant is not None:
+            metrics = {**summarize(ranked, queries.relevant), "MRR": mrr(ranked, queries.relevant)}
+        else:
+            gains = [attribute_gains(gallery, wanted) for wanted in queries.attributes]
+            ranked_gains = [[g[j] for j in row] for g, row in zip(gains, top, strict=True)]
+            metrics["gNDCG@10"] = graded_ndcg_at_k(ranked_gains, [np.sort(g)[::-1][:k].tolist() for g in gains], k)
+        query_paths = None  # free-text queries name no category path of their own
+    if hierarchy and query_paths is not None:
+        index = {pid: i for i, pid in enumerate(gallery.ids)}
+        ranked_paths = [[_path(gallery, hierarchy, index[pid]) for pid in row] for row in ranked]
+        for cut in (1, 5, 10):
+            metrics[f"HP@{cut}"] = hierarchical_precision_at_k(ranked_paths, query_paths, cut)
+    return {"metrics": {key: round(float(v), 6) for key, v in metrics.items()}, "queries": len(ranked),
+            "gallery": len(gallery), "split": split if split != "auto" else _auto_split(meta)}
+
+
+def _path(products: Products, hierarchy: list[str], i: int) -> tuple[str, ...]:
+    missing = [c for c in hierarchy if c not in products.attributes]
+    if missing:
+        raise HSLUsageError(f"--hierarchy column {missing[0]!r} is not a store column")
+    return tuple(products.attributes[c][i] for c in hierarchy)
+
+
+def _auto_split(meta: dict) -> str:
+    return "test" if meta.get("split", {}).get("test_fraction", 0) > 0 else "all"
+
+
+def _split_products(products: Products, meta: dict, split: str) -> Products:
+    """The products of one side of the model's own split ("auto": its test split if it has one)."""
+    split = _auto_split(meta) if split == "auto" else split
+    if split == "all":
+        return products
+    if split not in ("train", "val", "test"):
+        raise HSLUsageError(f"--split must be auto, all, train, val or test, not {split!r}")
+    saved = meta.get("split")
+    if not saved:
+        raise HSLUsageError("this model records no split; use --split all")
+    chosen = products.subset(Split(**saved).indices(products.ids)[split])
+    if len(chosen) == 0:
+        raise HSLError(f"the store holds no products of the model's {split} split")
+    return chosen
+
+
+def encode_query_texts(backbone_name: str, texts: list[str], max_text_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Free-text queries -> (tokens [Q,T,Dt], mask [Q,T]) with the store's text backbone."""
+    from .backbones import create_backbone
+
+    backbone = create_backbone(backbone_name, max_text_tokens=max_text_tokens)
+    features = backbone.encode_texts(texts)
+    positions = torch.arange(features.tokens.shape[1])
+    return features.tokens.cpu(), positions[None] < features.lengths.cpu().clamp(min=1)[:, None]

@@ -1,0 +1,114 @@
+"""Create, save and load HSL models. A model folder is `config.json` (the architecture plus a
+`meta` entry: backbone, feature dims, ...) and `model.safetensors` (weights; no pickle anywhere)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig, config_from_dict, config_to_dict, list_configs, load_config
+from .errors import HSLError, HSLUsageError
+from .model import HSLModel
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def list_models() -> list[str]:
+    """Architecture names that create_model accepts (the JSON files in hsl/configs/)."""
+    return list_configs()
+
+
+def create_model(name_or_path: str | Path | ModelConfig, image_dim: int, text_dim: int) -> HSLModel:
+    """A randomly initialised model (seed with torch.manual_seed first for repeatable weights)."""
+    config = name_or_path if isinstance(name_or_path, ModelConfig) else load_config(name_or_path)
+    return HSLModel(config, image_dim, text_dim)
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write via a temporary sibling and rename, so a crash never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_model(model: HSLModel, out_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
+    """Write out_dir/config.json (config + meta, with the feature dims) and out_dir/model.safetensors."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {**meta, "image_dim": model.image_dim, "text_dim": model.text_dim}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _write_atomic(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    payload = json.dumps({**config_to_dict(model.config), "meta": meta}, indent=2)
+    _write_atomic(out / CONFIG_FILE, lambda tmp: tmp.write_text(payload + "\n", encoding="utf-8"))
+    return out
+
+
+def _read_config(model_dir: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    path = model_dir / CONFIG_FILE
+    if not path.is_file():
+        raise HSLError(f"{path} not found: a model folder holds {CONFIG_FILE} and {WEIGHTS_FILE} "
+                       "as written by `hsl train --out DIR`")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise HSLError(f"{path} is not valid JSON ({error}); restore it or train the model again") from None
+    if not isinstance(data, dict):
+        raise HSLError(f"{path} must hold a JSON object; restore it or train the model again")
+    meta = data.get("meta")
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) for k in ("image_dim", "text_dim")):
+        raise HSLError(f"{path} has no meta.image_dim / meta.text_dim; it was not written by save_model")
+    try:
+        config = config_from_dict(data, str(path))
+    except HSLUsageError as error:
+        raise HSLError(f"{error}; restore the file or train the model again") from None
+    return config, meta
+
+
+def load_model(model_dir: str | os.PathLike) -> tuple[HSLModel, dict[str, Any]]:
+    """(model in eval mode on CPU, meta) from a folder written by save_model."""
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise HSLError(f"model folder {folder} not found; give the --out folder of `hsl train`")
+    config, meta = _read_config(folder)
+    path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        raise HSLError(f"{path} not found; the model folder is incomplete: train the model again")
+    try:
+        tensors = load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types for truncated or foreign files
+        raise HSLError(f"{path} is not a readable safetensors file ({error}); train the model again") from None
+    model = HSLModel(config, meta["image_dim"], meta["text_dim"])
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(tensors) if tensors[k].shape != expected[k].shape)
+    if missing or unexpected or wrong_shape:
+        problems = [f"{label} {names[:3]}{' ...' if len(names) > 3 else ''}"
+                    for label, names in (("missing", missing), ("unexpected", unexpected),
+                                         ("wrong shape", wrong_shape)) if names]
+        raise HSLError(f"{path} does not fit {folder / CONFIG_FILE} ({'; '.join(problems)}); keep the two files "
+                       "of one training run together, or train the model again")
+    model.load_state_dict(tensors)
+    return model.eval(), meta
+
+
+def model_hash(model_dir: str | os.PathLike) -> str:
+    """Stable id of a saved model (sha256 of config.json + model.safetensors, 16 hex), e.g. to key caches."""
+    folder = Path(model_dir)
+    digest = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        path = folder / name
+        if not path.is_file():
+            raise HSLError(f"{path} not found; cannot identify the model in {folder}")
+        digest.update(name.encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+

@@ -1,0 +1,197 @@
+"""The HSL network (Ma et al., ICASSP 2021), following the official code (github.com/liufh1/HSL).
+
+Image: regions -> in_fc -> L stacked transformer levels; per level, object vectors O^l = fc(H^l)
+and an image vector v^l = AttFlat(fc(relu(O^l))), both L2-normalised. Text: tokens -> in_fc -> L
+stacked levels; per level the mean over valid tokens t^l and two query heads q1^l (objects) and
+q2^l (image). Scores: S_obj^l = AGG_k <q1^l, o_k^l>, S_img^l = <q2^l, v^l>, total = sum_l w_l (...)
+over the configured granularities. Masks are bool with True = valid (a real region or token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+@dataclass
+class ImageEncoding:
+    """Everything HSL needs from a batch of images; depends on the images alone (index once)."""
+
+    objects: list[torch.Tensor]  # per level [B,R,J], L2-normalised, padded rows are junk: use mask
+    images: list[torch.Tensor]  # per level [B,J], L2-normalised; empty without the image granularity
+    mask: torch.Tensor  # [B,R] bool, True = valid region
+
+    def select(self, index: torch.Tensor) -> ImageEncoding:
+        return ImageEncoding([o[index] for o in self.objects], [v[index] for v in self.images], self.mask[index])
+
+
+@dataclass
+class TextEncoding:
+    object_queries: list[torch.Tensor]  # q1 per level [B,J]; empty without the object granularity
+    image_queries: list[torch.Tensor]  # q2 per level [B,J]; empty without the image granularity
+
+    def select(self, index: torch.Tensor) -> TextEncoding:
+        return TextEncoding([q[index] for q in self.object_queries], [q[index] for q in self.image_queries])
+
+
+class AttentionPool(nn.Module):
+    """AttFlat from MCAN (one glimpse): softmax over an MLP score per region, weighted sum, projection."""
+
+    def __init__(self, width: int, out_dim: int, dropout: float):
+        super().__init__()
+        self.score = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Dropout(dropout), nn.Linear(width, 1))
+        self.merge = nn.Linear(width, out_dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = self.score(x).squeeze(-1)  # [B,R]
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)  # padded regions get weight exactly 0
+        weights = scores.softmax(dim=1)  # [B,R]
+        pooled = torch.einsum("br,brd->bd", weights, x)  # [B,D]
+        return self.merge(pooled)  # [B,J]
+
+
+def _encoder_stack(config: ModelConfig, layers: int) -> nn.TransformerEncoder:
+    layer = nn.TransformerEncoderLayer(config.d_model, config.heads, config.ff_dim, config.dropout, batch_first=True)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+
+def _attention_padding(mask: torch.Tensor) -> torch.Tensor:
+    """Key padding mask for nn.Transformer (True = ignore). A row with nothing valid attends to its
+    first position instead of to nothing (which gives NaN); its pooled outputs are zeroed later."""
+    padding = ~mask  # [B,N]
+    padding[:, 0] &= mask.any(dim=1)
+    return padding
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the valid rows of x [B,N,D] -> [B,D]; zeros where a row has nothing valid."""
+    total = x.masked_fill(~mask.unsqueeze(-1), 0.0).sum(dim=1)  # [B,D]
+    return total / mask.sum(dim=1, keepdim=True).clamp(min=1)  # [B,D]
+
+
+class HSLModel(nn.Module):
+    def __init__(self, config: ModelConfig, image_dim: int, text_dim: int):
+        super().__init__()
+        self.config, self.image_dim, self.text_dim = config, image_dim, text_dim
+        d, j, levels = config.d_model, config.joint_dim, range(config.levels)
+        self.use_objects = "object" in config.granularities
+        self.use_images = "image" in config.granularities
+        self.dropout = nn.Dropout(config.dropout)
+        self.image_in = nn.Linear(image_dim, d)
+        self.image_levels = nn.ModuleList(_encoder_stack(config, config.image_layers) for _ in levels)
+        # The object vectors are also the image vector's input (official code), so they exist in every config.
+        self.object_heads = nn.ModuleList(nn.Linear(d, j) for _ in levels)
+        self.text_in = nn.Linear(text_dim, d)
+        self.text_levels = nn.ModuleList(_encoder_stack(config, config.text_layers) for _ in levels)
+        if self.use_objects:
+            self.object_query_heads = nn.ModuleList(nn.Linear(d, j) for _ in levels)
+        if self.use_images:
+            self.pool_inputs = nn.ModuleList(nn.Linear(j, d) for _ in levels)
+            self.image_pool = AttentionPool(d, j, config.dropout)  # one AttFlat shared by all levels, as officially
+            self.image_query_heads = nn.ModuleList(nn.Linear(d, j) for _ in levels)
+
+    @property
+    def exact_by_inner_product(self) -> bool:
+        """Whether query_vectors @ index_vectors.T is the exact total score (else: re-rank candidates)."""
+        return self.config.agg == "mean" or not self.use_objects
+
+    def encode_image(self, regions: torch.Tensor, region_mask: torch.Tensor) -> ImageEncoding:
+        """regions [B,R,Di] float, region_mask [B,R] bool (True = valid) -> per-level object/image vectors."""
+        mask = region_mask.bool()
+        regions = regions.masked_fill(~mask.unsqueeze(-1), 0.0)  # padding values never matter, even NaN
+        padding = _attention_padding(mask)  # [B,R]
+        hidden = self.image_in(regions)  # [B,R,d]
+        objects, images = [], []
+        for level, encoder in enumerate(self.image_levels):
+            hidden = encoder(hidden, src_key_padding_mask=padding)  # [B,R,d]
+            raw_objects = self.dropout(self.object_heads[level](hidden))  # [B,R,J]
+            objects.append(F.normalize(raw_objects, dim=-1))  # [B,R,J]
+            if self.use_images:
+                pool_input = self.pool_inputs[level](F.relu(raw_objects))  # [B,R,d]
+                images.append(F.normalize(self.image_pool(pool_input, mask), dim=-1))  # [B,J]
+        return ImageEncoding(objects, images, mask)
+
+    def encode_text(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> TextEncoding:
+        """tokens [B,T,Dt] float, token_mask [B,T] bool (True = valid) -> per-level query vectors."""
+        mask = token_mask.bool()
+        tokens = tokens.masked_fill(~mask.unsqueeze(-1), 0.0)
+        padding = _attention_padding(mask)  # [B,T]
+        hidden = self.text_in(tokens)  # [B,T,d]
+        object_queries, image_queries = [], []
+        for level, encoder in enumerate(self.text_levels):
+            hidden = encoder(hidden, src_key_padding_mask=padding)  # [B,T,d]
+            pooled = masked_mean(hidden, mask)  # [B,d] t^l
+            if self.use_objects:
+                object_queries.append(self._query(self.object_query_heads[level], pooled))  # [B,J]
+            if self.use_images:
+                image_queries.append(self._query(self.image_query_heads[level], pooled))  # [B,J]
+        return TextEncoding(object_queries, image_queries)
+
+    def _query(self, head: nn.Linear, pooled: torch.Tensor) -> torch.Tensor:
+        query = self.dropout(head(pooled))  # [B,J]
+        return F.normalize(query, dim=-1) if self.config.normalize_query else query
+
+    def object_scores(self, queries: torch.Tensor, objects: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """S_obj for one level: AGG over valid regions of <q1, o_k>; [Bt,J] x [Bi,R,J] -> [Bt,Bi]."""
+        scores = torch.einsum("tj,irj->tir", queries, objects)  # [Bt,Bi,R]
+        valid = mask.unsqueeze(0)  # [1,Bi,R]
+        count = valid.sum(dim=-1)  # [1,Bi]
+        if self.config.agg == "mean":
+            return scores.masked_fill(~valid, 0.0).sum(dim=-1) / count.clamp(min=1)  # [Bt,Bi]
+        scores = scores.masked_fill(~valid, float("-inf"))  # [Bt,Bi,R]
+        k = 1 if self.config.agg == "max" else min(self.config.topk, scores.shape[-1])
+        best = scores.topk(k, dim=-1).values  # [Bt,Bi,k]; -inf where an image has fewer than k regions
+        # mean of the best min(k, valid regions), as the official top-k; 0 for an image with no regions
+        return best.masked_fill(best.isinf(), 0.0).sum(dim=-1) / count.clamp(min=1, max=k)  # [Bt,Bi]
+
+    def similarities(self, text: TextEncoding, image: ImageEncoding) -> dict:
+        """{"S_obj": [per level [Bt,Bi]], "S_img": [...], "total": [Bt,Bi]}; only configured granularities."""
+        sims: dict = {}
+        if self.use_objects:
+            pairs = zip(text.object_queries, image.objects, strict=True)
+            sims["S_obj"] = [self.object_scores(q, o, image.mask) for q, o in pairs]  # [Bt,Bi] each
+        if self.use_images:
+            sims["S_img"] = [q @ v.T for q, v in zip(text.image_queries, image.images, strict=True)]  # [Bt,Bi] each
+        total = 0.0
+        for level, weight in enumerate(self.config.level_weights):
+            for name in ("S_obj", "S_img"):
+                if name in sims:
+                    total = total + weight * sims[name][level]  # [Bt,Bi]
+        sims["total"] = total
+        return sims
+
+    # Retrieval is one inner product (DESIGN.md §2). With agg = mean, S_obj^l = <q1^l, mean_k o_k^l>, so
+    # query_vectors(t) @ index_vectors(i).T == similarities(t, i)["total"] exactly. With agg = max | topk
+    # the object term is not an inner product: the vectors then hold the image-granularity part only
+    # (object-only configs: the mean object vectors), good for gathering candidates that are then
+    # re-ranked with `similarities`. `exact_by_inner_product` tells which case holds.
+    def _index_parts(self) -> tuple[bool, bool]:
+        object_part = self.use_objects and (self.config.agg == "mean" or not self.use_images)
+        return object_part, self.use_images
+
+    def index_vectors(self, image: ImageEncoding) -> torch.Tensor:
+        """[B,D_idx]: one stored vector per image, levels in order, [mean O^l, v^l] each."""
+        object_part, image_part = self._index_parts()
+        parts = []
+        for level in range(self.config.levels):
+            if object_part:
+                parts.append(masked_mean(image.objects[level], image.mask))  # [B,J]
+            if image_part:
+                parts.append(image.images[level])  # [B,J]
+        return torch.cat(parts, dim=1)  # [B,D_idx]
+
+    def query_vectors(self, text: TextEncoding) -> torch.Tensor:
+        """[B,D_idx]: the level weights go on the query side, matching index_vectors' layout."""
+        object_part, image_part = self._index_parts()
+        parts = []
+        for level, weight in enumerate(self.config.level_weights):
+            if object_part:
+                parts.append(weight * text.object_queries[level])  # [B,J]
+            if image_part:
+                parts.append(weight * text.image_queries[level])  # [B,J]
+        return torch.cat(parts, dim=1)  # [B,D_idx]

@@ -1,0 +1,169 @@
+"""`hsl query`: rank a store's products for a shopper's words with a trained HSL model.
+
+The image side comes from the cached index (hsl/index.py). A query costs one text encoding and
+one inner product per product; with AGG = max | topk the inner product gathers candidates that
+are then re-ranked with the exact HSL score.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .dataset import check_backbone, load_products
+from .errors import HSLError, HSLUsageError, StoreMismatchError
+from .index import build_index, index_path, is_current, load_index, store_fingerprint
+from .store import FeatureStore
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
+MAX_QUERY_CHARS = 1000  # far past any title; longer input is truncated with a warning
+RERANK_CANDIDATES = 200  # AGG = max | topk: exact re-ranking of this many inner-product candidates
+
+
+@dataclass
+class Hit:
+    rank: int
+    id: str
+    score: float
+    image: str
+    text: str
+    attributes: dict[str, str]
+
+
+@dataclass
+class SearchResult:
+    query: str
+    hits: list[Hit]
+    warnings: list[str] = field(default_factory=list)
+
+
+def parse_where(clauses: list[str]) -> dict[str, str]:
+    """["gender=Women", "baseColour=Red"] -> {"gender": "Women", "baseColour": "Red"}."""
+    where = {}
+    for clause in clauses:
+        key, sep, value = clause.partition("=")
+        if not sep or not key.strip():
+            raise HSLUsageError(f"--where {clause!r}: write it as COLUMN=VALUE, e.g. gender=Women")
+        where[key.strip()] = value.strip()
+    return where
+
+
+def clean_query(text: str) -> tuple[str, list[str]]:
+    """Strip control characters and whitespace; refuse an empty query; truncate a huge one."""
+    cleaned = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    if not cleaned:
+        raise HSLUsageError("the query is empty; give some words, e.g. hsl query \"red summer dress\"")
+    if len(cleaned) > MAX_QUERY_CHARS:
+        return cleaned[:MAX_QUERY_CHARS], [f"query truncated from {len(cleaned)} to {MAX_QUERY_CHARS} characters"]
+    return cleaned, []
+
+
+class Searcher:
+    """Loads the model, the query text encoder and the index once; answers many queries."""
+
+    def __init__(self, store_path: str | os.PathLike, model_dir: str | os.PathLike | None = None,
+                 device: str = "cpu", progress: Callable[[int, int], None] | None = None) -> None:
+        from .factory import load_model, model_hash
+
+        self.store_path = Path(store_path)
+        self.device = torch.device(device)
+        with FeatureStore.open(self.store_path) as store:
+            self.store_meta = dict(store.meta)
+            fingerprint = store_fingerprint(store)
+        self.model_dir = Path(model_dir) if model_dir else DEFAULT_MODEL
+        if model_dir is None:
+            self._check_default_model()
+        self.model, self.model_meta = load_model(self.model_dir)
+        self.model.to(self.device).eval()
+        with FeatureStore.open(self.store_path) as store:
+            check_backbone(store, self.model_meta, str(self.model_dir))
+        self.model_key = model_hash(self.model_dir)
+        path = index_path(self.store_path, self.model_key)
+        if not is_current(path, fingerprint):
+            build_index(self.store_path, self.model, self.model_key, progress)
+        self.vectors, self.rows = load_index(path)  # [N,D] float32, [N] store rows
+        self._text_encoder = None
+        self._attributes: dict[str, np.ndarray] | None = None
+
+    def _check_default_model(self) -> None:
+        import json
+
+        config = self.model_dir / "config.json"
+        if not config.is_file():
+            raise HSLError(f"no default model is installed at {self.model_dir}; give --model DIR from hsl train")
+        backbone = json.loads(config.read_text())["meta"]["backbone"]
+        if backbone != self.store_meta["backbone"]:
+            raise StoreMismatchError(
+                f"the default model is for backbone {backbone!r}, store {self.store_path} was extracted with "
+                f"{self.store_meta['backbone']!r}; train a model on it with hsl train and pass --model DIR")
+
+    def _encode_query(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._text_encoder is None:
+            from .backbones import create_text_encoder
+
+            self._text_encoder = create_text_encoder(self.store_meta["backbone"],
+                                                     max_text_tokens=self.store_meta["max_text_tokens"])
+            self._text_encoder.to(self.device)
+        features = self._text_encoder.encode_texts([text])
+        lengths = features.lengths.clamp(min=1)
+        mask = torch.arange(features.tokens.shape[1], device=lengths.device)[None] < lengths[:, None]  # [1,T]
+        return features.tokens, mask
+
+    def _attribute_mask(self, where: dict[str, str]) -> np.ndarray:
+        if self._attributes is None:
+            with FeatureStore.open(self.store_path) as store:
+                self._attributes = {k: np.array(v, dtype=object)[self.rows] for k, v in store.attributes().items()}
+        keep = np.ones(len(self.rows), dtype=bool)
+        for column, value in where.items():
+            if column not in self._attributes:
+                raise HSLUsageError(f"--where {column}=...: no such attribute column; the store has "
+                                    f"{', '.join(self._attributes) or 'none'}")
+            keep &= self._attributes[column] == value
+        return keep
+
+    @torch.no_grad()
+    def search(self, query: str, top_k: int = 10, where: dict[str, str] | None = None) -> SearchResult:
+        if top_k < 1:
+            raise HSLUsageError(f"--top-k must be at least 1, got {top_k}")
+        text, warnings = clean_query(query)
+        tokens, mask = self._encode_query(text)
+        text_enc = self.model.encode_text(tokens.to(self.device), mask.to(self.device))
+        q = self.model.query_vectors(text_enc)[0].cpu().numpy()  # [D]
+        scores = self.vectors @ q  # [N]: the exact HSL score when model.exact_by_inner_product
+        if where:
+            scores = np.where(self._attribute_mask(where), scores, -np.inf)
+        exact = self.model.exact_by_inner_product
+        pool = min(len(scores), top_k if exact else max(top_k, RERANK_CANDIDATES))
+        candidates = np.argpartition(-scores, pool - 1)[:pool] if pool < len(scores) else np.arange(len(scores))
+        candidates = candidates[np.isfinite(scores[candidates])]
+        if not exact and len(candidates):
+            scores = scores.copy()
+            scores[candidates] = self._exact_scores(text_enc, candidates)
+        order = candidates[np.argsort(-scores[candidates], kind="stable")][:top_k]
+        return SearchResult(text, self._hits(order, scores), warnings)
+
+    def _exact_scores(self, text_enc: object, candidates: np.ndarray) -> np.ndarray:
+        """Full HSL scores (any AGG) for a few candidate products, from their stored regions."""
+        rows = self.rows[candidates]
+        order = np.argsort(rows)
+        with FeatureStore.open(self.store_path) as store:
+            products = load_products(store, region_grid=self.model.config.region_grid, rows=rows[order])
+        image = self.model.encode_image(*products.image_batch(torch.arange(len(products)), self.device))
+        exact = np.empty(len(rows), dtype=np.float32)
+        exact[order] = self.model.similarities(text_enc, image)["total"][0].cpu().numpy()
+        return exact
+
+    def _hits(self, order: np.ndarray, scores: np.ndarray) -> list[Hit]:
+        hits = []
+        with FeatureStore.open(self.store_path) as store:
+            for rank, i in enumerate(order.tolist(), start=1):
+                row = int(self.rows[i])
+                fields = store.row_strings(row)
+                hits.append(Hit(rank=rank, id=fields["id"], score=float(scores[i]), image=fields["image"],
+                                text=fields["text"], attributes=fields["attributes"]))
+        return hits

@@ -1,0 +1,183 @@
+"""`hsl train`: learn the HSL heads on the (title, photo) pairs of a store.
+
+Deterministic for a fixed seed on CPU: the split comes from hashed ids, each epoch's shuffle and
+dropout from (seed, epoch). After every epoch the full training state goes to `DIR/checkpoint/`
+atomically, so `--resume` after a kill continues from the last finished epoch and ends with the
+same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import load_config
+from .dataset import Products, Split, load_products
+from .errors import HSLError, HSLUsageError
+from .evaluate import rank_products
+from .factory import create_model, save_model
+from .losses import build_losses
+from .metrics import mrr, recall_at_k
+from .store import FeatureStore
+
+EpochFn = Callable[[dict], None]  # called after each epoch with its record
+StepFn = Callable[[int, int, float], None]  # (step, steps per epoch, loss)
+
+
+@dataclass
+class TrainOptions:
+    config: str = "hsl-default"
+    epochs: int | None = None  # None: the config's
+    batch_size: int | None = None
+    lr: float | None = None
+    val_fraction: float = 0.1
+    test_fraction: float = 0.15  # a fixed, seed-independent hold-out that training never sees
+    seed: int = 0
+    device: str = "cpu"
+    resume: bool = False
+
+
+def _atomic_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def _atomic_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Adam's state as flat tensors: safetensors holds tensors only, never pickles."""
+    out = {}
+    for i, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            out[f"{i}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return out
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state_dict = optimizer.state_dict()
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = value
+    state_dict["state"] = state
+    optimizer.load_state_dict(state_dict)
+
+
+def validate(model: torch.nn.Module, products: Products, device: torch.device) -> dict[str, float]:
+    """Instance retrieval within the split: each title must find its own photo."""
+    ranked = rank_products(model, products, products.tokens, products.token_mask, device, top_k=10)
+    relevant = [{i} for i in products.ids]
+    return {"R@1": recall_at_k(ranked, relevant, 1), "R@5": recall_at_k(ranked, relevant, 5),
+            "R@10": recall_at_k(ranked, relevant, 10), "MRR": mrr(ranked, relevant)}
+
+
+def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: TrainOptions | None = None,
+          on_step: StepFn | None = None, on_epoch: EpochFn | None = None) -> dict:
+    """Train, keep the best epoch by validation R@10 in `out_dir`, return the metrics record."""
+    options = options or TrainOptions()
+    out = Path(out_dir)
+    ckpt = out / "checkpoint"
+    if out.exists() and any(out.iterdir()) and not options.resume:
+        raise HSLUsageError(f"{out} is not empty; give another --out, or --resume to continue its training")
+    if options.resume and not (ckpt / "state.json").is_file():
+        raise HSLUsageError(f"{out} has no checkpoint to resume; start without --resume")
+    device = torch.device(options.device)
+    config = load_config(options.config)
+    with FeatureStore.open(store_path) as store:
+        products = load_products(store, require_text=True, region_grid=config.region_grid)
+        store_meta = dict(store.meta)
+    split = Split(options.test_fraction, options.val_fraction, options.seed)
+    parts = split.indices(products.ids)
+    train_set, val_set = products.subset(parts["train"]), products.subset(parts["val"])
+    if len(train_set) < 2 or len(val_set) < 1:
+        raise HSLUsageError(f"split gives {len(train_set)} training and {len(val_set)} validation products; "
+                            "extract more products or change --val-fraction")
+    torch.manual_seed(options.seed)
+    model = create_model(config, store_meta["image_dim"], store_meta["text_dim"]).to(device)
+    settings = dict(model.config.training)
+    epochs = options.epochs or settings["epochs"]
+    batch_size = options.batch_size or settings["batch_size"]
+    lr = options.lr or settings["lr"]
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=settings.get("weight_decay", 0.0))
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=settings["lr_decay"])
+    losses = build_losses(model.config)
+    meta = {"backbone": store_meta["backbone"], "image_dim": store_meta["image_dim"],
+            "text_dim": store_meta["text_dim"], "hsl_version": __version__}
+    args = {**asdict(options), "epochs": epochs, "batch_size": batch_size, "lr": lr, "store": str(store_path)}
+    record = {"history": [], "best": None, "split": {k: int(len(v)) for k, v in parts.items()}}
+    start_epoch = 0
+    if options.resume:
+        state = json.loads((ckpt / "state.json").read_text())
+        if state["args"]["config"] != options.config or state["args"]["seed"] != options.seed:
+            raise HSLUsageError(f"{out} was trained with config {state['args']['config']} and seed "
+                                f"{state['args']['seed']}; resume with the same --config and --seed")
+        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        _load_optimizer(optimizer, load_file(str(ckpt / "optimizer.safetensors")))
+        scheduler.load_state_dict(state["scheduler"])
+        record, start_epoch = state["record"], state["epoch"]
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.mkdir(exist_ok=True)
+    _atomic_json(out / "train_args.json", args)
+    keys = train_set.title_keys()
+    for epoch in range(start_epoch, epochs):
+        started = time.perf_counter()
+        loss = _train_epoch(model, losses, optimizer, train_set, keys, batch_size, settings, options.seed,
+                            epoch, device, on_step)
+        scheduler.step()
+        metrics = validate(model, val_set, device)
+        entry = {"epoch": epoch + 1, "loss": loss, "val": metrics, "seconds": round(time.perf_counter() - started, 2)}
+        record["history"].append(entry)
+        if record["best"] is None or metrics["R@10"] > record["best"]["val"]["R@10"]:
+            record["best"] = entry
+            save_model(model, out, {**meta, "epoch": epoch + 1, "split": asdict(split)})
+        _atomic_json(out / "metrics.json", record)
+        # The checkpoint goes last: a kill before this line redoes the epoch, with the same result.
+        _atomic_tensors(ckpt / "model.safetensors", model.state_dict())
+        _atomic_tensors(ckpt / "optimizer.safetensors", _optimizer_tensors(optimizer))
+        _atomic_json(ckpt / "state.json", {"epoch": epoch + 1, "scheduler": scheduler.state_dict(),
+                                           "record": record, "args": args})
+        if on_epoch:
+            on_epoch(entry)
+    if record["best"] is None:
+        raise HSLError(f"{out}: no epoch was trained (epochs={epochs})")
+    return record
+
+
+def _train_epoch(model: torch.nn.Module, losses: dict, optimizer: torch.optim.Optimizer, products: Products,
+                 keys: torch.Tensor, batch_size: int, settings: dict, seed: int, epoch: int,
+                 device: torch.device, on_step: StepFn | None) -> float:
+    model.train()
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    torch.manual_seed(seed * 100_003 + epoch)  # dropout: the same masks after a resume
+    order = torch.randperm(len(products), generator=generator)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [b for b in batches if len(b) > 1]  # a batch of one has no negatives
+    total = 0.0
+    for step, index in enumerate(batches):
+        image = model.encode_image(*products.image_batch(index, device))
+        text = model.encode_text(*products.text_batch(index, device))
+        sims = model.similarities(text, image)
+        loss = sum(weight * losses[name](sims, keys[index].to(device))
+                   for name, weight in model.config.losses.items())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
+        optimizer.step()
+        total += loss.item()
+        if on_step:
+            on_step(step + 1, len(batches), loss.item())
+    model.eval()
+    return total / max(1, len(batches))

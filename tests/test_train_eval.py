@@ -1,0 +1,132 @@
+"""hsl train and hsl eval on a tiny synthetic store: files, determinism, resume after SIGKILL, metrics."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from hsl.dataset import Split
+from hsl.errors import HSLUsageError, StoreMismatchError
+from hsl.evaluate import evaluate
+from hsl.extract import ExtractOptions, extract
+from hsl.train import TrainOptions, train
+from hsl_cli.main import app
+
+from .conftest import write_manifest
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("shop")
+    manifest = write_manifest(root, 160)
+    store = root / "tiny.h5"
+    extract(manifest, store, ExtractOptions(backbone="tiny", workers=0, batch_size=32))
+    return store
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def test_train_writes_model_folder_and_is_deterministic(tiny_store: Path, tmp_path: Path) -> None:
+    options = TrainOptions(config="hsl-tiny", epochs=2, seed=3)
+    record = train(tiny_store, tmp_path / "a", options)
+    for name in ("config.json", "model.safetensors", "metrics.json", "train_args.json"):
+        assert (tmp_path / "a" / name).is_file(), name
+    assert len(record["history"]) == 2 and record["best"]["val"]["R@10"] >= 0
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["meta"]["backbone"] == "tiny"
+    assert record["split"]["train"] + record["split"]["val"] + record["split"]["test"] == 160
+    train(tiny_store, tmp_path / "b", options)
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_split_is_by_id_disjoint_and_seed_independent_for_test() -> None:
+    ids = [f"p{i}" for i in range(2000)]
+    one, two = Split(0.15, 0.1, 0).indices(ids), Split(0.15, 0.1, 1).indices(ids)
+    assert set(one["test"].tolist()) == set(two["test"].tolist())  # the held-out test never moves
+    assert set(one["val"].tolist()) != set(two["val"].tolist())
+    assert not set(one["train"].tolist()) & set(one["test"].tolist())
+    assert abs(len(one["test"]) / 2000 - 0.15) < 0.03
+
+
+def test_out_folder_in_use_needs_resume(tiny_store: Path, tmp_path: Path) -> None:
+    train(tiny_store, tmp_path / "m", TrainOptions(config="hsl-tiny", epochs=1))
+    with pytest.raises(HSLUsageError, match="not empty"):
+        train(tiny_store, tmp_path / "m", TrainOptions(config="hsl-tiny", epochs=1))
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tiny_store: Path, tmp_path: Path) -> None:
+    base = [sys.executable, "-m", "hsl_cli.main", "train", "--store", str(tiny_store), "--config", "hsl-tiny",
+            "--epochs", "12", "--seed", "1", "--quiet", "--out"]
+    subprocess.run(base + [str(tmp_path / "whole")], check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(base + [str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed / "checkpoint" / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["epoch"] >= 3:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "training finished before the kill; give it more epochs"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = json.loads(state.read_text())["epoch"]
+    assert 3 <= finished < 12
+    subprocess.run(base + [str(killed), "--resume"], check=True, capture_output=True)
+    a, b = _weights(tmp_path / "whole"), _weights(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    history = json.loads((killed / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == list(range(1, 13))
+
+
+def test_eval_instance_and_query_files(tiny_store: Path, tmp_path: Path) -> None:
+    train(tiny_store, tmp_path / "m", TrainOptions(config="hsl-tiny", epochs=2))
+    result = evaluate(tiny_store, tmp_path / "m", hierarchy=["kind"])
+    metrics = result["metrics"]
+    assert result["split"] == "test" and result["queries"] == result["gallery"] > 0
+    for key in ("R@1", "R@5", "R@10", "MRR", "mAP", "NDCG@5", "HP@5"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["R@1"] <= metrics["R@5"] <= metrics["R@10"]
+    binary = tmp_path / "binary.jsonl"
+    binary.write_text(json.dumps({"query": "red shirt", "relevant": ["p0", "p4"]}) + "\n")
+    assert "R@10" in evaluate(tiny_store, tmp_path / "m", str(binary), split="all")["metrics"]
+    graded = tmp_path / "graded.jsonl"
+    graded.write_text(json.dumps({"query": "green dress", "attributes": {"colour": "green", "kind": "dress"}}) + "\n")
+    value = evaluate(tiny_store, tmp_path / "m", str(graded), split="all")["metrics"]["gNDCG@10"]
+    assert 0.0 <= value <= 1.0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "x", "attributes": {"size": "L"}}\n')
+    with pytest.raises(HSLUsageError, match="'size' is not a store column"):
+        evaluate(tiny_store, tmp_path / "m", str(bad), split="all")
+
+
+def test_model_refuses_store_of_other_backbone(tiny_store: Path, tmp_path: Path, photo_folder: Path) -> None:
+    train(tiny_store, tmp_path / "m", TrainOptions(config="hsl-tiny", epochs=1))
+    other = tmp_path / "clip.h5"
+    extract(photo_folder, other, ExtractOptions(backbone="openclip:hsl-tiny-vit", workers=0))
+    with pytest.raises(StoreMismatchError, match="trained on backbone 'tiny'"):
+        evaluate(other, tmp_path / "m", split="all")
+
+
+def test_cli_train_and_eval_json(tiny_store: Path, tmp_path: Path) -> None:
+    trained = runner.invoke(app, ["train", "--store", str(tiny_store), "--out", str(tmp_path / "m"),
+                                  "--config", "hsl-tiny", "--epochs", "1", "--quiet", "--json"])
+    assert trained.exit_code == 0, trained.output
+    assert json.loads(trained.stdout)["best_epoch"] == 1
+    scored = runner.invoke(app, ["eval", "--store", str(tiny_store), "--model", str(tmp_path / "m"), "--json"])
+    payload = json.loads(scored.stdout)
+    assert set(payload["metrics"]) >= {"R@1", "R@10", "NDCG@5"} and payload["queries"] > 0
+    missing = runner.invoke(app, ["eval", "--store", str(tiny_store), "--model", str(tmp_path / "nope")])
+    assert missing.exit_code == 1 and "nope" in missing.stderr
