@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PHOTOS ?= ../shared/data/fashion/images
 STORE ?= demo.h5
+QUERY ?= red floral summer dress
 
 .PHONY: install demo test lint bench clean
 
@@ -17,7 +18,7 @@ install: $(BIN)/hsl
 
 demo: install
 	$(BIN)/hsl extract $(PHOTOS) --store $(STORE)
-	$(BIN)/hsl info $(STORE)
+	$(BIN)/hsl query "$(QUERY)" --store $(STORE) --top-k 5
 
 lint: install
 	$(BIN)/ruff check .

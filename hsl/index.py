@@ -18,10 +18,14 @@ import numpy as np
 import torch
 
 from .dataset import load_products
+from .errors import HSLUsageError
 from .store import DONE, FeatureStore
 
 INDEX_VERSION = 1
 _BLOCK = 512
+BACKENDS = ("auto", "exact", "flat", "ivf", "hnsw")
+EXACT_LIMIT_BYTES = 1 << 30  # "auto": exact in-RAM matrix product while the float32 vectors fit in 1 GB
+RERANK_POOL = 200  # approximate backends: candidates re-scored exactly from the float32 vectors
 
 
 def store_fingerprint(store: FeatureStore) -> str:
@@ -74,11 +78,114 @@ def build_index(store_path: str | os.PathLike, model: torch.nn.Module, model_key
         f.create_dataset("rows", data=rows.astype(np.int64))
         f.attrs.update({"version": INDEX_VERSION, "store_fingerprint": fingerprint, "model": model_key,
                         "exact": bool(model.exact_by_inner_product)})
+    for stale in path.parent.glob(f"{model_key}.*.faiss"):  # ANN files of the previous vectors
+        stale.unlink()
     os.replace(tmp, path)
     return path
 
 
-def load_index(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(vectors [N, D_idx] float32, store rows [N])."""
-    with h5py.File(path, "r") as f:
-        return f["vectors"][:], f["rows"][:]
+class VectorSearch:
+    """Maximum inner product over the index vectors: exact (numpy or faiss flat) or approximate
+    (faiss IVF or HNSW with 8-bit scalar-quantised codes), whose candidates are re-scored exactly."""
+
+    def __init__(self, path: Path, backend: str = "auto", nprobe: int = 32, ef_search: int = 128) -> None:
+        if backend not in BACKENDS:
+            raise HSLUsageError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        self.path = path
+        self._h5 = h5py.File(path, "r")
+        self._vectors = self._h5["vectors"]
+        self.rows = self._h5["rows"][:]
+        n, dims = self._vectors.shape
+        if backend == "auto":
+            backend = "exact" if n * dims * 4 <= EXACT_LIMIT_BYTES else "ivf"
+        self.backend = backend
+        self.matrix = self._vectors[:] if backend == "exact" else None  # [N,D] float32 in RAM
+        self.faiss_index = None if backend == "exact" else self._faiss_index(backend, nprobe, ef_search)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def exact(self) -> bool:
+        return self.backend in ("exact", "flat")
+
+    def _faiss_index(self, backend: str, nprobe: int, ef_search: int) -> object:
+        import faiss
+
+        file = self.path.with_name(f"{self.path.stem}.{backend}.faiss")
+        if not file.is_file():
+            index = build_faiss_index(self._vectors, backend)
+            tmp = file.with_name(file.name + ".tmp")
+            faiss.write_index(index, str(tmp))
+            os.replace(tmp, file)  # a killed build leaves no file a query would trust
+        index = faiss.read_index(str(file))
+        if backend == "ivf":
+            index.nprobe = nprobe
+        elif backend == "hnsw":
+            index.hnsw.efSearch = ef_search
+        return index
+
+    def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(positions into self.rows, inner products) of the k best, best first; `allowed` [N] bool filters."""
+        k = min(k, len(self.rows) if allowed is None else int(allowed.sum()))
+        if k <= 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        if self.matrix is not None:
+            scores = self.matrix @ query  # [N]
+            if allowed is not None:
+                scores = np.where(allowed, scores, -np.inf)
+            top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+            top = top[np.argsort(-scores[top], kind="stable")]
+            return top, scores[top]
+        return self._faiss_search(query, k, allowed)
+
+    def _faiss_search(self, query: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        params = None
+        if allowed is not None:
+            selector = faiss.IDSelectorBatch(np.flatnonzero(allowed).astype(np.int64))
+            params = {"ivf": faiss.SearchParametersIVF, "hnsw": faiss.SearchParametersHNSW,
+                      "flat": faiss.SearchParameters}[self.backend](sel=selector)
+            if self.backend == "ivf":
+                params.nprobe = self.faiss_index.nprobe
+        pool = k if self.exact else max(k, RERANK_POOL)
+        _, found = self.faiss_index.search(query[None].astype(np.float32), pool, params=params)
+        found = found[0][found[0] >= 0]
+        if self.exact:
+            return found, (self._read(found) @ query)
+        exact = self._read(found) @ query  # float32 vectors from disk: the scores are exact again
+        order = np.argsort(-exact, kind="stable")[:k]
+        return found[order], exact[order]
+
+    def _read(self, positions: np.ndarray) -> np.ndarray:
+        order = np.argsort(positions)
+        out = np.empty((len(positions), self._vectors.shape[1]), np.float32)
+        out[order] = self._vectors[np.sort(positions)] if len(positions) else out[order]
+        return out
+
+    def close(self) -> None:
+        self._h5.close()
+
+
+def build_faiss_index(vectors: h5py.Dataset, backend: str) -> object:
+    """faiss index over the stored vectors, added block by block (never all float32 vectors at once)."""
+    import faiss
+
+    n, dims = vectors.shape
+    if backend == "flat":
+        index = faiss.IndexFlatIP(dims)
+    elif backend == "hnsw":
+        index = faiss.IndexHNSWSQ(dims, faiss.ScalarQuantizer.QT_8bit, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 80
+    else:
+        nlist = max(1, min(4096, int(np.sqrt(n))))
+        quantizer = faiss.IndexFlatIP(dims)
+        index = faiss.IndexIVFScalarQuantizer(quantizer, dims, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                              faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        sample = np.sort(np.random.default_rng(0).choice(n, size=min(n, 64 * 1024), replace=False))
+        index.train(vectors[sample])
+    for start in range(0, n, 65536):
+        index.add(vectors[start:start + 65536])
+    return index

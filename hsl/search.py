@@ -17,7 +17,7 @@ import torch
 
 from .dataset import check_backbone, load_products
 from .errors import HSLError, HSLUsageError, StoreMismatchError
-from .index import build_index, index_path, is_current, load_index, store_fingerprint
+from .index import VectorSearch, build_index, index_path, is_current, store_fingerprint
 from .store import FeatureStore
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
@@ -67,7 +67,8 @@ class Searcher:
     """Loads the model, the query text encoder and the index once; answers many queries."""
 
     def __init__(self, store_path: str | os.PathLike, model_dir: str | os.PathLike | None = None,
-                 device: str = "cpu", progress: Callable[[int, int], None] | None = None) -> None:
+                 device: str = "cpu", progress: Callable[[int, int], None] | None = None,
+                 backend: str = "auto", nprobe: int = 32, ef_search: int = 128) -> None:
         from .factory import load_model, model_hash
 
         self.store_path = Path(store_path)
@@ -86,7 +87,8 @@ class Searcher:
         path = index_path(self.store_path, self.model_key)
         if not is_current(path, fingerprint):
             build_index(self.store_path, self.model, self.model_key, progress)
-        self.vectors, self.rows = load_index(path)  # [N,D] float32, [N] store rows
+        self.index = VectorSearch(path, backend, nprobe, ef_search)
+        self.rows = self.index.rows  # [N] store row of each index vector
         self._text_encoder = None
         self._attributes: dict[str, np.ndarray] | None = None
 
@@ -134,18 +136,14 @@ class Searcher:
         tokens, mask = self._encode_query(text)
         text_enc = self.model.encode_text(tokens.to(self.device), mask.to(self.device))
         q = self.model.query_vectors(text_enc)[0].cpu().numpy()  # [D]
-        scores = self.vectors @ q  # [N]: the exact HSL score when model.exact_by_inner_product
-        if where:
-            scores = np.where(self._attribute_mask(where), scores, -np.inf)
-        exact = self.model.exact_by_inner_product
-        pool = min(len(scores), top_k if exact else max(top_k, RERANK_CANDIDATES))
-        candidates = np.argpartition(-scores, pool - 1)[:pool] if pool < len(scores) else np.arange(len(scores))
-        candidates = candidates[np.isfinite(scores[candidates])]
-        if not exact and len(candidates):
-            scores = scores.copy()
-            scores[candidates] = self._exact_scores(text_enc, candidates)
-        order = candidates[np.argsort(-scores[candidates], kind="stable")][:top_k]
-        return SearchResult(text, self._hits(order, scores), warnings)
+        allowed = self._attribute_mask(where) if where else None
+        exact = self.model.exact_by_inner_product  # else: inner products only gather candidates
+        positions, scores = self.index.search(q, top_k if exact else max(top_k, RERANK_CANDIDATES), allowed)
+        if not exact and len(positions):
+            scores = self._exact_scores(text_enc, positions)
+            order = np.argsort(-scores, kind="stable")[:top_k]
+            positions, scores = positions[order], scores[order]
+        return SearchResult(text, self._hits(positions, scores), warnings)
 
     def _exact_scores(self, text_enc: object, candidates: np.ndarray) -> np.ndarray:
         """Full HSL scores (any AGG) for a few candidate products, from their stored regions."""
@@ -158,12 +156,11 @@ class Searcher:
         exact[order] = self.model.similarities(text_enc, image)["total"][0].cpu().numpy()
         return exact
 
-    def _hits(self, order: np.ndarray, scores: np.ndarray) -> list[Hit]:
+    def _hits(self, positions: np.ndarray, scores: np.ndarray) -> list[Hit]:
         hits = []
         with FeatureStore.open(self.store_path) as store:
-            for rank, i in enumerate(order.tolist(), start=1):
-                row = int(self.rows[i])
-                fields = store.row_strings(row)
-                hits.append(Hit(rank=rank, id=fields["id"], score=float(scores[i]), image=fields["image"],
+            for rank, (i, score) in enumerate(zip(positions.tolist(), scores.tolist(), strict=True), start=1):
+                fields = store.row_strings(int(self.rows[i]))
+                hits.append(Hit(rank=rank, id=fields["id"], score=float(score), image=fields["image"],
                                 text=fields["text"], attributes=fields["attributes"]))
         return hits

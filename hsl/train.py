@@ -102,7 +102,7 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
     split = Split(options.test_fraction, options.val_fraction, options.seed)
     parts = split.indices(products.ids)
     train_set, val_set = products.subset(parts["train"]), products.subset(parts["val"])
-    if len(train_set) < 2 or len(val_set) < 1:
+    if len(train_set) < 2 or (len(val_set) < 1 and options.val_fraction > 0):
         raise HSLUsageError(f"split gives {len(train_set)} training and {len(val_set)} validation products; "
                             "extract more products or change --val-fraction")
     torch.manual_seed(options.seed)
@@ -137,10 +137,11 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
         loss = _train_epoch(model, losses, optimizer, train_set, keys, batch_size, settings, options.seed,
                             epoch, device, on_step)
         scheduler.step()
-        metrics = validate(model, val_set, device)
+        # --val-fraction 0 (train on everything, e.g. the shipped model): the last epoch is kept.
+        metrics = validate(model, val_set, device) if len(val_set) else {}
         entry = {"epoch": epoch + 1, "loss": loss, "val": metrics, "seconds": round(time.perf_counter() - started, 2)}
         record["history"].append(entry)
-        if record["best"] is None or metrics["R@10"] > record["best"]["val"]["R@10"]:
+        if not metrics or record["best"] is None or metrics["R@10"] > record["best"]["val"]["R@10"]:
             record["best"] = entry
             save_model(model, out, {**meta, "epoch": epoch + 1, "split": asdict(split)})
         _atomic_json(out / "metrics.json", record)

@@ -139,3 +139,20 @@ def test_default_model_refuses_other_backbone_store(shop: Path) -> None:
     result = runner.invoke(app, ["query", "red shirt", "--store", str(shop), "--quiet"])
     assert result.exit_code == 1
     assert "default model is for backbone 'minilm-effnet'" in result.stderr or "no default model" in result.stderr
+
+
+@pytest.mark.parametrize("backend", ["flat", "ivf", "hnsw"])
+def test_faiss_backends_agree_with_exact(shop: Path, tmp_path: Path, backend: str) -> None:
+    model_dir = _save_random_model(tmp_path / "m", 5)
+    exact = Searcher(shop, model_dir, backend="exact")
+    # ivf with nprobe = every cluster and hnsw with a wide search visit everything on 41 products.
+    other = Searcher(shop, model_dir, backend=backend, nprobe=64, ef_search=256)
+    assert other.index.backend == backend
+    for text in ("red shirt", "green dress 3", "watch"):
+        want = exact.search(text, top_k=10)
+        got = other.search(text, top_k=10)
+        assert [h.id for h in got.hits] == [h.id for h in want.hits]
+        np.testing.assert_allclose([h.score for h in got.hits], [h.score for h in want.hits], rtol=1e-5, atol=1e-5)
+    filtered = other.search("red shirt", top_k=5, where={"kind": "watch"}).hits
+    assert filtered and all(h.attributes["kind"] == "watch" for h in filtered)
+    assert list(shop.parent.glob(f"shop.h5.index/*.{backend}.faiss")) or backend == "exact"

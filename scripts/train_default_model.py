@@ -1,0 +1,46 @@
+"""Train the model that ships inside the package (hsl/models/default) on the whole real catalog.
+
+    python scripts/train_default_model.py --store fashion.h5 [--work /tmp/hsl-default-model]
+
+The store is `hsl extract ../shared/data/fashion/products.csv --store fashion.h5 --text-column
+productDisplayName --image-template 'images/{id}.jpg'` (default backbone). Every product is used
+for training (--test-fraction 0 --val-fraction 0: the last epoch is kept), then the weights are
+stored as float16 to stay well under the 15 MB package budget (they load back as float32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hsl.train import TrainOptions, train
+
+TARGET = Path(__file__).resolve().parents[1] / "hsl" / "models" / "default"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", type=Path, required=True)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/hsl-default-model"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    record = train(args.store, args.work, TrainOptions(config="hsl-default", val_fraction=0.0, test_fraction=0.0,
+                                                       seed=args.seed, resume=(args.work / "checkpoint").is_dir()))
+    TARGET.mkdir(parents=True, exist_ok=True)
+    weights = load_file(str(args.work / "model.safetensors"))
+    save_file({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in weights.items()},
+              str(TARGET / "model.safetensors"))
+    shutil.copy(args.work / "config.json", TARGET / "config.json")
+    (TARGET / "training.json").write_text(json.dumps({
+        "command": f"python scripts/train_default_model.py --store {args.store.name} --seed {args.seed}",
+        "epochs": record["best"]["epoch"], "history": record["history"], "split": record["split"]}, indent=2))
+    print(f"{TARGET}: {(TARGET / 'model.safetensors').stat().st_size / 1e6:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
