@@ -155,7 +155,7 @@ def main() -> None:
           f"over {len(times)} runs")
     rate = encode_rate(args.model)
     print(f"HSL image side (index build): {rate:,.0f} products/s on synthetic features of the default sizes")
-    base = Searcher(args.store, args.model).index.matrix
+    base = Searcher(args.store, args.model).index.matrix.numpy()
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         for n in args.sizes:
             path = Path(tmp) / f"synthetic-{n}.h5"

@@ -18,6 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
+from hsl.checkpoint import Checkpoint
 from hsl.evaluate import evaluate
 from hsl.train import TrainOptions, train
 
@@ -31,8 +32,8 @@ def run_one(store: Path, out: Path, config: str, seed: int, epochs: int | None) 
     if done.is_file():
         return json.loads(done.read_text())
     started = time.perf_counter()
-    record = train(store, out / "model", TrainOptions(config=config, seed=seed, epochs=epochs, resume=(out / "model"
-                   / "checkpoint" / "state.json").is_file()))
+    resume = Checkpoint(out / "model" / "checkpoint").exists()
+    record = train(store, out / "model", TrainOptions(config=config, seed=seed, epochs=epochs, resume=resume))
     seconds = time.perf_counter() - started
     instance = evaluate(store, out / "model", hierarchy=HIERARCHY)
     graded = evaluate(store, out / "model", queries_path=str(QUERIES))

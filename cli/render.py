@@ -40,6 +40,9 @@ def handle_errors(command: Callable) -> Callable:
         except HSLError as exc:
             err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        except OSError as exc:  # the file system said no (permissions, disk full, a damaged file)
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("interrupted: finished work is saved; run the same command again to continue")
             raise typer.Exit(130) from None

@@ -31,6 +31,8 @@ def extract(
     device: DeviceOption = "auto",
     max_pixels: Annotated[int | None, typer.Option(min=1, help="Refuse photos with more pixels.")] = None,
     limit: Annotated[int | None, typer.Option(min=0, help="Only the first N products of the source.")] = None,
+    allow_outside: Annotated[bool, typer.Option(help="Let manifest image paths leave the manifest's folder.")]
+    = False,
     errors: Annotated[Path | None, typer.Option(help="Write one JSON line per skipped item here.")] = None,
     strict: Annotated[bool, typer.Option(help="Exit 1 when any item was skipped.")] = False,
     quiet: QuietOption = False,
@@ -45,7 +47,7 @@ def extract(
     options = ExtractOptions(
         backbone=backbone, grid=grid, max_text_tokens=max_text_tokens, batch_size=batch_size,
         workers=default_workers() if workers is None else workers, device=device,
-        max_pixels=max_pixels or DEFAULT_MAX_PIXELS, limit=limit,
+        max_pixels=max_pixels or DEFAULT_MAX_PIXELS, limit=limit, allow_outside=allow_outside,
         columns=Columns(id=id_column, image=image_column, text=text_column, image_template=image_template))
     with progress_bar("extracting", quiet, unit="img") as progress:
         report = run_extract(source, store, options, progress=progress)

@@ -53,8 +53,15 @@ class Columns:
     image_template: str | None = None  # e.g. "images/{id}.jpg" when there is no image column
 
 
-def read_source(path: str | os.PathLike, columns: Columns = Columns()) -> SourceListing:
-    """A folder (recursive photos, optional sibling .txt titles) or a .csv/.jsonl manifest."""
+MAX_ATTRIBUTE_COLUMNS = 1000  # each becomes an HDF5 dataset; a 10^5-column sheet is a mistake, not a catalog
+
+
+def read_source(path: str | os.PathLike, columns: Columns = Columns(), allow_outside: bool = False) -> SourceListing:
+    """A folder (recursive photos, optional sibling .txt titles) or a .csv/.jsonl manifest.
+
+    A manifest's image paths must stay inside the manifest's folder unless `allow_outside`: a
+    shared manifest must not make hsl read (and show in an HTML page) any file of the machine.
+    """
     path = Path(path)
     if path.is_dir():
         return _dedupe(_folder_rows(path), [], require_text=False)
@@ -62,9 +69,9 @@ def read_source(path: str | os.PathLike, columns: Columns = Columns()) -> Source
         raise HSLUsageError(f"{path}: no such folder or manifest file")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return _manifest(path, _csv_rows(path), columns)
+        return _manifest(path, _csv_rows(path), columns, allow_outside)
     if suffix in (".jsonl", ".ndjson"):
-        return _manifest(path, _jsonl_rows(path), columns)
+        return _manifest(path, _jsonl_rows(path), columns, allow_outside)
     raise HSLUsageError(f"{path}: unknown source type; give a folder of photos, a .csv or a .jsonl manifest")
 
 
@@ -86,6 +93,9 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict | None, str]]:
             for row in reader:
                 if None in row:  # more fields than the header: quoting went wrong on this row
                     yield reader.line_num, None, f"{len(row[None]) + len(header)} fields, header has {len(header)}"
+                elif None in row.values():  # fewer fields than the header
+                    count = sum(v is not None for v in row.values())
+                    yield reader.line_num, None, f"{count} fields, header has {len(header)}"
                 else:
                     yield reader.line_num, row, ""
         except UnicodeDecodeError as exc:
@@ -119,13 +129,37 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict | None, str]]:
         raise HSLUsageError(f"{path}: the manifest has no rows")
 
 
-def _manifest(path: Path, rows: Iterable[tuple[int, dict | None, str]], columns: Columns) -> SourceListing:
+def _check_header(path: Path, header: list[str]) -> None:
+    names = [str(h).strip() for h in header]
+    if any(not n for n in names):
+        raise HSLUsageError(f"{path}: column {names.index('') + 1} of the header has no name; name every column")
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise HSLUsageError(f"{path}: the column name {name!r} appears twice; make column names unique")
+        seen.add(name)
+    if len(names) > MAX_ATTRIBUTE_COLUMNS + 3:
+        raise HSLUsageError(f"{path}: {len(names)} columns, hsl keeps at most {MAX_ATTRIBUTE_COLUMNS} attribute "
+                            "columns; remove the columns you do not need")
+
+
+def _image_path(path: Path, image: str, allow_outside: bool) -> tuple[str, str]:
+    """(absolute path, problem): a path that leaves the manifest's folder is a problem unless allowed."""
+    resolved = (path.parent / image).resolve() if image else path.parent.resolve()
+    if not allow_outside and not resolved.is_relative_to(path.parent.resolve()):
+        return str(resolved), f"{image!r} is outside {path.parent}; move it inside or give --allow-outside"
+    return str(resolved), ""
+
+
+def _manifest(path: Path, rows: Iterable[tuple[int, dict | None, str]], columns: Columns,
+              allow_outside: bool) -> SourceListing:
     rows = iter(rows)
     try:
         _, first, _ = next(rows)
     except StopIteration:
         raise HSLUsageError(f"{path}: the manifest is empty") from None
     header = first["__header__"] if first else []
+    _check_header(path, header)
     needed = [columns.id, columns.text] + ([] if columns.image_template else [columns.image])
     for name, option in zip(needed, ("--id-column", "--text-column", "--image-column"), strict=False):
         if name not in header:
@@ -149,12 +183,19 @@ def _manifest(path: Path, rows: Iterable[tuple[int, dict | None, str]], columns:
                 continue
             item_id = row[columns.id].strip()
             if columns.image_template:
-                image = columns.image_template.format(id=item_id, **{k: v for k, v in row.items() if k != "id"})
+                try:
+                    image = columns.image_template.format(**{**row, "id": item_id})
+                except (KeyError, IndexError, ValueError) as exc:
+                    raise HSLUsageError(f"--image-template {columns.image_template!r} does not fit {where} "
+                                        f"({type(exc).__name__}: {exc}); use {{id}} or other column names") from None
             else:
                 image = row[columns.image].strip()
-            image_path = (path.parent / image).resolve() if image else path.parent
+            image_path, outside = _image_path(path, image, allow_outside)
+            if outside:
+                rejected.append(Rejected(item_id, image_path, "outside_folder", outside, where))
+                continue
             attributes = {c: row.get(c, "") or "" for c in attribute_columns}
-            yield where, SourceItem(id=item_id, image=str(image_path), text=row[columns.text].strip(),
+            yield where, SourceItem(id=item_id, image=image_path, text=row[columns.text].strip(),
                                     attributes=attributes)
 
     listing = _dedupe(items(), attribute_columns, require_text=True)

@@ -46,6 +46,7 @@ class ExtractOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     columns: Columns = field(default_factory=Columns)
     limit: int | None = None  # only the first N products of the source (demos, smoke tests)
+    allow_outside: bool = False  # manifest image paths may leave the manifest's folder
 
 
 @dataclass
@@ -159,7 +160,7 @@ def extract(source: str | os.PathLike, store_path: str | os.PathLike, options: E
     store = FeatureStore.open(store_path) if store_path.exists() else None
     if store is not None:
         _check_backbone(store, options)  # before any work: no model loaded, nothing written
-    listing = read_source(source, options.columns)
+    listing = read_source(source, options.columns, allow_outside=options.allow_outside)
     items = listing.items[: options.limit] if options.limit is not None else listing.items
     spec = options.backbone or (store.meta["backbone"] if store else DEFAULT_BACKBONE)
     grid = options.grid or (store.meta["grid"] if store else None)

@@ -141,7 +141,7 @@ class Searcher:
         positions, scores = self.index.search(q, top_k if exact else max(top_k, RERANK_CANDIDATES), allowed)
         if not exact and len(positions):
             scores = self._exact_scores(text_enc, positions)
-            order = np.argsort(-scores, kind="stable")[:top_k]
+            order = np.lexsort((positions, -scores))[:top_k]  # equal scores in store order
             positions, scores = positions[order], scores[order]
         return SearchResult(text, self._hits(positions, scores), warnings)
 

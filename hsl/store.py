@@ -85,7 +85,9 @@ class FeatureStore:
         if not path.is_file():
             raise HSLError(f"{path}: no such store; create it with `hsl extract SOURCE --store {path}`")
         try:
-            handle = h5py.File(path, "r+" if writable else "r")
+            # Readers skip HDF5's file lock: a query may read while `hsl extract` writes in place, and
+            # what it reads is consistent by construction (a row counts once its status says DONE).
+            handle = h5py.File(path, "r+") if writable else h5py.File(path, "r", locking=False)
         except OSError as exc:
             raise HSLError(f"{path}: not a readable HDF5 store ({exc}); re-create it with hsl extract") from exc
         return cls(path, handle)
@@ -96,6 +98,22 @@ class FeatureStore:
         """Write a complete new file for `rows`; the first `copy_rows` keep `copy_from`'s features."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
+        try:
+            FeatureStore._write_file(tmp, meta, rows, attribute_columns, copy_from, copy_rows)
+            _fsync_path(tmp)
+        except (OSError, RuntimeError) as exc:  # disk full, quota, read-only folder: the old store stays
+            tmp.unlink(missing_ok=True)
+            kept = "the existing store is unchanged" if path.exists() else "no store was written"
+            raise HSLError(f"{path}: could not write {tmp.name} ({exc}); free disk space or pick another "
+                           f"--store ({kept})") from None
+        if copy_from is not None:
+            copy_from.close()
+        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
+        _fsync_path(path.parent)
+
+    @staticmethod
+    def _write_file(tmp: Path, meta: dict, rows: Sequence[RowPlan], attribute_columns: list[str],
+                    copy_from: FeatureStore | None, copy_rows: int) -> None:
         n = len(rows)
         with h5py.File(tmp, "w") as f:
             f.attrs.update({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in meta.items()})
@@ -117,11 +135,6 @@ class FeatureStore:
             f["status"][:] = np.array([r.status for r in rows], dtype=np.uint8)
             f["file_size"][:] = np.array([r.size for r in rows], dtype=np.int64)
             f["file_mtime_ns"][:] = np.array([r.mtime_ns for r in rows], dtype=np.int64)
-        _fsync_path(tmp)
-        if copy_from is not None:
-            copy_from.close()
-        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
-        _fsync_path(path.parent)
 
     # -- reading ---------------------------------------------------------------------------------
     def __len__(self) -> int:

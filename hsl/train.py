@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .checkpoint import Checkpoint
 from .config import load_config
 from .dataset import Products, Split, load_products
 from .errors import HSLError, HSLUsageError
@@ -48,12 +48,6 @@ class TrainOptions:
 def _atomic_json(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-
-
-def _atomic_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, path)
 
 
@@ -89,10 +83,10 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
     """Train, keep the best epoch by validation R@10 in `out_dir`, return the metrics record."""
     options = options or TrainOptions()
     out = Path(out_dir)
-    ckpt = out / "checkpoint"
+    ckpt = Checkpoint(out / "checkpoint")
     if out.exists() and any(out.iterdir()) and not options.resume:
         raise HSLUsageError(f"{out} is not empty; give another --out, or --resume to continue its training")
-    if options.resume and not (ckpt / "state.json").is_file():
+    if options.resume and not ckpt.exists():
         raise HSLUsageError(f"{out} has no checkpoint to resume; start without --resume")
     device = torch.device(options.device)
     config = load_config(options.config)
@@ -120,16 +114,15 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
     record = {"history": [], "best": None, "split": {k: int(len(v)) for k, v in parts.items()}}
     start_epoch = 0
     if options.resume:
-        state = json.loads((ckpt / "state.json").read_text())
+        tensors, state = ckpt.load()
         if state["args"]["config"] != options.config or state["args"]["seed"] != options.seed:
             raise HSLUsageError(f"{out} was trained with config {state['args']['config']} and seed "
                                 f"{state['args']['seed']}; resume with the same --config and --seed")
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-        _load_optimizer(optimizer, load_file(str(ckpt / "optimizer.safetensors")))
+        model.load_state_dict(tensors["model"])
+        _load_optimizer(optimizer, tensors["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         record, start_epoch = state["record"], state["epoch"]
     out.mkdir(parents=True, exist_ok=True)
-    ckpt.mkdir(exist_ok=True)
     _atomic_json(out / "train_args.json", args)
     keys = train_set.title_keys()
     for epoch in range(start_epoch, epochs):
@@ -146,10 +139,8 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
             save_model(model, out, {**meta, "epoch": epoch + 1, "split": asdict(split)})
         _atomic_json(out / "metrics.json", record)
         # The checkpoint goes last: a kill before this line redoes the epoch, with the same result.
-        _atomic_tensors(ckpt / "model.safetensors", model.state_dict())
-        _atomic_tensors(ckpt / "optimizer.safetensors", _optimizer_tensors(optimizer))
-        _atomic_json(ckpt / "state.json", {"epoch": epoch + 1, "scheduler": scheduler.state_dict(),
-                                           "record": record, "args": args})
+        ckpt.save(epoch + 1, {"model": model.state_dict(), "optimizer": _optimizer_tensors(optimizer)},
+                  {"epoch": epoch + 1, "scheduler": scheduler.state_dict(), "record": record, "args": args})
         if on_epoch:
             on_epoch(entry)
     if record["best"] is None:

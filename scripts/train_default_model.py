@@ -29,8 +29,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/hsl-default-model"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    record = train(args.store, args.work, TrainOptions(config="hsl-default", val_fraction=0.0, test_fraction=0.0,
-                                                       seed=args.seed, resume=(args.work / "checkpoint").is_dir()))
+    resume = (args.work / "checkpoint" / "latest").is_file()
+    options = TrainOptions(config="hsl-default", val_fraction=0.0, test_fraction=0.0, seed=args.seed, resume=resume)
+    record = train(args.store, args.work, options)
     TARGET.mkdir(parents=True, exist_ok=True)
     weights = load_file(str(args.work / "model.safetensors"))
     save_file({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in weights.items()},

@@ -23,7 +23,7 @@ from hsl.search import Searcher
 from hsl.store import FeatureStore
 from hsl_cli.main import app
 
-from .conftest import write_manifest
+from .conftest import synthetic_photo, write_manifest
 
 runner = CliRunner()
 
@@ -31,10 +31,12 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("shop")
-    extra = [{"id": "xss", "image": "images/p0.jpg", "text": "<script>alert(1)</script> red shirt",
+    extra = [{"id": "xss", "image": "images/xss.jpg", "text": "<script>alert(1)</script> red shirt",
               "colour": "red", "kind": "shirt"}]
     store = root / "shop.h5"
-    extract(write_manifest(root, 40, extra), store, ExtractOptions(backbone="tiny", workers=0))
+    manifest = write_manifest(root, 40, extra)
+    synthetic_photo(99)[0].save(root / "images" / "xss.jpg")  # its own photo: no exact score ties
+    extract(manifest, store, ExtractOptions(backbone="tiny", workers=0))
     return store
 
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from hsl.checkpoint import Checkpoint
 from hsl.dataset import Split
 from hsl.errors import HSLUsageError, StoreMismatchError
 from hsl.evaluate import evaluate
@@ -73,16 +74,16 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_store: Path, tmp_path: Pa
     subprocess.run(base + [str(tmp_path / "whole")], check=True, capture_output=True)
     killed = tmp_path / "killed"
     proc = subprocess.Popen(base + [str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = killed / "checkpoint" / "state.json"
+    checkpoint = Checkpoint(killed / "checkpoint")
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if state.is_file() and json.loads(state.read_text())["epoch"] >= 3:
+        if checkpoint.epoch() >= 3:
             break
         time.sleep(0.01)
     assert proc.poll() is None, "training finished before the kill; give it more epochs"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    finished = json.loads(state.read_text())["epoch"]
+    finished = checkpoint.epoch()
     assert 3 <= finished < 12
     subprocess.run(base + [str(killed), "--resume"], check=True, capture_output=True)
     a, b = _weights(tmp_path / "whole"), _weights(killed)
