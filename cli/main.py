@@ -6,7 +6,7 @@ imports (torch, the backbones) happen inside the commands so `hsl --help` stays 
 
 from __future__ import annotations
 
-from . import model_commands, search_commands, store_commands  # noqa: F401  (they register their commands)
+from . import model_commands, search_commands, serve_commands, store_commands  # noqa: F401  (they register their commands)
 from .app import app
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hsl.errors import HSLError, HSLUsageError
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif"}
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,8 @@ def _folder_rows(root: Path) -> Iterator[tuple[str, SourceItem]]:
     for image in files:
         rel = image.relative_to(root)
         title = image.with_suffix(".txt")
-        text = title.read_text(encoding="utf-8", errors="replace").strip() if title.is_file() else ""
+        text = title.read_text(encoding="utf-8", errors="replace") if title.is_file() else ""
+        text = text.replace("\x00", "").strip()
         yield str(rel), SourceItem(id=rel.with_suffix("").as_posix(), image=str(image.resolve()), text=text)
 
 
@@ -173,6 +174,8 @@ def _manifest(path: Path, rows: Iterable[tuple[int, dict | None, str]], columns:
     def items() -> Iterator[tuple[str, SourceItem]]:
         for number, row, problem in rows:
             where = f"{path.name}:{number}"
+            if row is not None:  # NUL cannot live in an HDF5 string and never means anything in a title
+                row = {k: v.replace("\x00", "") for k, v in row.items()}
             if row is None:
                 rejected.append(Rejected("", "", "bad_row", problem, where))
                 continue

@@ -19,7 +19,7 @@ import torch
 
 from .dataset import load_products
 from .errors import HSLUsageError
-from .store import DONE, FeatureStore
+from .store import DONE, FeatureStore, ensure_space
 
 INDEX_VERSION = 1
 _BLOCK = 512
@@ -65,13 +65,13 @@ def build_index(store_path: str | os.PathLike, model: torch.nn.Module, model_key
     tmp = path.with_name(path.name + ".tmp")
     model.eval()
     device = next(model.parameters()).device
+    dims = model.index_vectors(model.encode_image(*products.image_batch(torch.arange(1), device))).shape[1]
+    ensure_space(tmp, len(products) * (dims * 4 + 8) + (1 << 20), "queries keep using the old index, if any")
     with h5py.File(tmp, "w") as f:
-        vectors = None
+        vectors = f.create_dataset("vectors", (len(products), dims), dtype="f4")
         for start in range(0, len(products), _BLOCK):
             index = torch.arange(start, min(start + _BLOCK, len(products)))
             block = model.index_vectors(model.encode_image(*products.image_batch(index, device))).cpu().numpy()
-            if vectors is None:
-                vectors = f.create_dataset("vectors", (len(products), block.shape[1]), dtype="f4")
             vectors[start:start + len(block)] = block
             if progress:
                 progress(start + len(block), len(products))

@@ -98,13 +98,14 @@ class FeatureStore:
         """Write a complete new file for `rows`; the first `copy_rows` keep `copy_from`'s features."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
+        kept = "the existing store is unchanged" if path.exists() else "no store was written"
+        ensure_space(tmp, _estimated_bytes(meta, rows, attribute_columns), kept)
         try:
             FeatureStore._write_file(tmp, meta, rows, attribute_columns, copy_from, copy_rows)
             _fsync_path(tmp)
-        except (OSError, RuntimeError) as exc:  # disk full, quota, read-only folder: the old store stays
+        except (OSError, RuntimeError) as exc:  # the disk filled up meanwhile, quota, ...: the old store stays
             tmp.unlink(missing_ok=True)
-            kept = "the existing store is unchanged" if path.exists() else "no store was written"
-            raise HSLError(f"{path}: could not write {tmp.name} ({exc}); free disk space or pick another "
+            raise HSLError(f"{path}: could not write {tmp.name} ({_short(exc)}); free disk space or pick another "
                            f"--store ({kept})") from None
         if copy_from is not None:
             copy_from.close()
@@ -115,7 +116,8 @@ class FeatureStore:
     def _write_file(tmp: Path, meta: dict, rows: Sequence[RowPlan], attribute_columns: list[str],
                     copy_from: FeatureStore | None, copy_rows: int) -> None:
         n = len(rows)
-        with h5py.File(tmp, "w") as f:
+        f = h5py.File(tmp, "w")
+        try:
             f.attrs.update({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in meta.items()})
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["attribute_columns"] = json.dumps(attribute_columns)
@@ -135,6 +137,10 @@ class FeatureStore:
             f["status"][:] = np.array([r.status for r in rows], dtype=np.uint8)
             f["file_size"][:] = np.array([r.size for r in rows], dtype=np.int64)
             f["file_mtime_ns"][:] = np.array([r.mtime_ns for r in rows], dtype=np.int64)
+            f.close()
+        except BaseException:
+            _abandon(f)
+            raise
 
     # -- reading ---------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -214,6 +220,50 @@ class FeatureStore:
         }
 
 
+def _estimated_bytes(meta: dict, rows: Sequence[RowPlan], attribute_columns: list[str]) -> int:
+    """An upper bound of the file's size: feature bytes, strings with HDF5's per-string overhead, slack."""
+    per_row = sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+                  for shape, dtype in _feature_shapes(meta).values())
+    strings = sum(len(r.id.encode()) + len(r.image.encode()) + len(r.text.encode())
+                  + sum(len(r.attributes.get(c, "").encode()) for c in attribute_columns) for r in rows)
+    return len(rows) * per_row + 2 * strings + 32 * len(rows) * (3 + len(attribute_columns)) + (1 << 20)
+
+
+def ensure_space(tmp: Path, size: int, kept: str) -> None:
+    """Reserve the bytes first (fallocate): a full disk is refused before HDF5 writes anything, because
+    an HDF5 file whose writes fail cannot be closed cleanly (its library crashes at exit)."""
+    probe = tmp.with_name(tmp.name + ".space")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise HSLError(f"{tmp.parent}: not enough room for the store ({size / 1e6:,.1f} MB needed: "
+                       f"{exc.strerror}); free disk space or pick another --store ({kept})") from None
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _short(exc: BaseException) -> str:
+    """HDF5 errors span several lines; keep the operating system's own words."""
+    text = str(exc)
+    marker = "error message = '"
+    if marker in text:
+        return text.split(marker, 1)[1].split("'", 1)[0]
+    return " ".join(text.split())[:200]
+
+
+_ABANDONED: list[h5py.File] = []
+
+
+def _abandon(f: h5py.File) -> None:
+    """Forget a file whose writes failed (disk full). Closing it makes HDF5 flush again, fail again
+    and crash the process; the temporary file is deleted by the caller and never read."""
+    _ABANDONED.append(f)
+
+
 def _pick_strings(ds: h5py.Dataset, rows: np.ndarray | None) -> list[str]:
     text = ds.asstr()
     if rows is None:
@@ -234,15 +284,28 @@ def _write_rows(ds: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> None:
             ds[row] = value
 
 
+_REQUIRED = ("ids", "images", "texts", "status", "image_global", "regions", "region_mask", "text_tokens",
+             "text_lengths", "text_sentence", "file_size", "file_mtime_ns")
+
+
 def _read_meta(path: Path, handle: h5py.File) -> dict:
-    attrs = dict(handle.attrs)
+    try:
+        attrs = dict(handle.attrs)
+        present = [name for name in _REQUIRED if name in handle and handle[name].shape is not None]
+    except (KeyError, OSError, ValueError, RuntimeError) as exc:  # h5py's words for a damaged file
+        handle.close()
+        raise HSLError(f"{path}: the store is damaged ({_short(exc)}); re-create it with hsl extract") from None
     version = attrs.get("schema_version")
-    if version is None or "ids" not in handle:
+    if version is None or "ids" not in present:
         handle.close()
         raise HSLError(f"{path}: an HDF5 file but not an hsl store (no schema_version); give another --store")
     if int(version) != SCHEMA_VERSION:
         handle.close()
         raise HSLError(f"{path}: store schema {version}, this hsl reads {SCHEMA_VERSION}; re-extract it")
+    if len(present) != len(_REQUIRED):
+        handle.close()
+        missing = sorted(set(_REQUIRED) - set(present))
+        raise HSLError(f"{path}: the store is damaged (no {', '.join(missing)}); re-create it with hsl extract")
     meta = {}
     for key, value in attrs.items():
         if isinstance(value, bytes):

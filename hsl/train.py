@@ -86,8 +86,8 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
     ckpt = Checkpoint(out / "checkpoint")
     if out.exists() and any(out.iterdir()) and not options.resume:
         raise HSLUsageError(f"{out} is not empty; give another --out, or --resume to continue its training")
-    if options.resume and not ckpt.exists():
-        raise HSLUsageError(f"{out} has no checkpoint to resume; start without --resume")
+    # --resume before any epoch finished (a kill during the first one) simply starts from scratch.
+    resuming = options.resume and ckpt.exists()
     device = torch.device(options.device)
     config = load_config(options.config)
     with FeatureStore.open(store_path) as store:
@@ -113,7 +113,7 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
     args = {**asdict(options), "epochs": epochs, "batch_size": batch_size, "lr": lr, "store": str(store_path)}
     record = {"history": [], "best": None, "split": {k: int(len(v)) for k, v in parts.items()}}
     start_epoch = 0
-    if options.resume:
+    if resuming:
         tensors, state = ckpt.load()
         if state["args"]["config"] != options.config or state["args"]["seed"] != options.seed:
             raise HSLUsageError(f"{out} was trained with config {state['args']['config']} and seed "
@@ -121,6 +121,8 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
         model.load_state_dict(tensors["model"])
         _load_optimizer(optimizer, tensors["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr  # the optimizer's state above came with the initial learning rate
         record, start_epoch = state["record"], state["epoch"]
     out.mkdir(parents=True, exist_ok=True)
     _atomic_json(out / "train_args.json", args)

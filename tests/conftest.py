@@ -67,3 +67,51 @@ def fashion() -> Path:
     if not (FASHION / "products.csv").is_file():
         pytest.skip(f"real catalog not found at {FASHION} (it lives in ../shared/data/fashion beside the repo)")
     return FASHION
+
+
+# -- the reliability report: tests/test_reliability.py records each case it tried -----------------
+_RELIABILITY: list[dict] = []
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--reliability-report", default=None,
+                     help="write the table of reliability cases tried (docs/reliability.md) to this path")
+
+
+@pytest.fixture
+def reliability(request: pytest.FixtureRequest):
+    """record(area, case, tries, outcome): one row of docs/reliability.md, kept only if the test passes."""
+    rows: list[dict] = []
+    request.node._reliability_rows = rows
+
+    def record(area: str, case: str, tries: int, outcome: str) -> None:
+        rows.append({"area": area, "case": case, "tries": tries, "outcome": outcome, "test": request.node.name})
+
+    return record
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = (yield).get_result()
+    rows = getattr(item, "_reliability_rows", None)
+    if rows is not None and report.when == "call":
+        if report.passed:
+            _RELIABILITY.extend(rows)
+        else:
+            _RELIABILITY.append({"area": "FAILED", "case": item.name, "tries": 0, "outcome": "test failed",
+                                 "test": item.name})
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    path = session.config.getoption("--reliability-report")
+    if not path or not _RELIABILITY:
+        return
+    lines = ["# Reliability: what hsl survives", "",
+             "Produced by the test suite, not written by hand. Reproduce with:", "",
+             "```", f"python -m pytest tests/test_reliability.py --reliability-report {path}", "```", "",
+             "Every case passed in the run that wrote this file; a failing case would appear as FAILED.", "",
+             "| area | case | times | outcome | test |", "|---|---|---|---|---|"]
+    for row in _RELIABILITY:
+        outcome = row["outcome"].replace("|", "\\|")
+        lines.append(f"| {row['area']} | {row['case']} | {row['tries']} | {outcome} | `{row['test']}` |")
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +16,7 @@ from hsl.extract import ExtractOptions, extract
 from hsl.store import DONE, FAILED, FeatureStore
 from hsl_data.sources import Columns
 
-from .conftest import synthetic_photo, write_folder, write_manifest
+from .conftest import write_folder, write_manifest
 
 TINY = dict(backbone="tiny", workers=0, batch_size=4)
 
@@ -148,56 +144,6 @@ def test_openclip_tiny_config_extracts(photo_folder: Path, tmp_path: Path) -> No
     assert report.extracted == 12
     with FeatureStore.open(tmp_path / "s.h5") as store:
         assert store.meta["num_regions"] == 16 and store.meta["image_dim"] == 32
-
-
-def _many_big_photos(root: Path, n: int) -> Path:
-    """n large JPEGs (copies of 4 originals): decoding them keeps a run busy for seconds."""
-    root.mkdir(parents=True)
-    originals = []
-    for seed in range(4):
-        image, _ = synthetic_photo(seed, size=640)
-        image.save(root / "original.jpg", quality=95)
-        originals.append((root / "original.jpg").read_bytes())
-    (root / "original.jpg").unlink()
-    for i in range(n):
-        (root / f"p{i:04d}.jpg").write_bytes(originals[i % 4])
-        (root / f"p{i:04d}.txt").write_text(f"product number {i}")
-    return root
-
-
-def test_sigkill_at_random_moments_then_rerun_equals_uninterrupted(tmp_path: Path) -> None:
-    photos = _many_big_photos(tmp_path / "photos", 400)
-    command = [sys.executable, "-m", "hsl_cli.main", "extract", str(photos), "--backbone", "tiny",
-               "--workers", "0", "--batch-size", "4", "--quiet", "--store"]
-    started = time.perf_counter()
-    subprocess.run(command + [str(tmp_path / "reference.h5")], check=True, capture_output=True)
-    full_run = time.perf_counter() - started
-    store = tmp_path / "killed.h5"
-    rng = random.Random(7)
-    kills = mid_run = 0
-    for _ in range(12):
-        proc = subprocess.Popen(command + [str(store)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, full_run))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
-        if store.exists():
-            with FeatureStore.open(store) as opened:  # a killed run leaves a store that opens
-                assert len(opened) == 400
-                done = int((opened.column("status") == DONE).sum())
-            mid_run += 0 < done < 400
-            if done == 400:
-                store.unlink()  # finished before the kill: start over for another try
-        if kills >= 5 and mid_run >= 2:
-            break
-    assert mid_run >= 2, f"only {mid_run} of {kills} kills landed mid-extraction"
-    subprocess.run(command + [str(store)], check=True, capture_output=True)
-    got, want = _features(store), _features(tmp_path / "reference.h5")
-    np.testing.assert_array_equal(got["ids"], want["ids"])
-    for name in ("image_global", "regions", "text_tokens", "text_sentence"):
-        np.testing.assert_allclose(got[name], want[name], atol=2e-3)
-    np.testing.assert_array_equal(got["text_lengths"], want["text_lengths"])
 
 
 def test_real_photos_with_default_backbone(fashion: Path, tmp_path: Path) -> None:

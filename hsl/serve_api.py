@@ -1,0 +1,166 @@
+"""The web layer of `hsl serve`: the page at `/` and a JSON API with an OpenAPI schema (/docs).
+
+Searches are plain `def` endpoints, which FastAPI runs in its thread pool: the event loop stays
+free for other requests while torch works. Library errors become JSON with a `detail` message:
+an unknown product 404, other bad input 400 (FastAPI's own validation: 422), and nothing ever
+answers with a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import mimetypes
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from pydantic import BaseModel, Field
+
+from . import __version__
+from .errors import HSLError, HSLUsageError
+from .search import SearchResult, parse_where
+from .serve import MAX_TOP_K, Catalog, UnknownProductError
+from .serve_page import CONTENT_SECURITY_POLICY, PAGE
+
+log = logging.getLogger("hsl.serve")
+
+SIMILAR_SCORE = ("inner product of the two products' stored HSL index vectors: the sum over levels of the cosine "
+                 "of their image vectors plus the inner product of their mean object vectors; no text involved")
+
+
+class HitOut(BaseModel):
+    rank: int
+    id: str
+    score: float = Field(description="search: the HSL text-to-image score; similar: see the endpoint")
+    text: str
+    attributes: dict[str, str]
+    image_url: str
+
+
+class ResultsOut(BaseModel):
+    query: str
+    results: list[HitOut]
+    warnings: list[str] = []
+
+
+class ProductOut(BaseModel):
+    id: str
+    text: str
+    attributes: dict[str, str]
+    image_url: str
+    similar_url: str
+
+
+class FilterValue(BaseModel):
+    value: str
+    count: int
+
+
+class FilterOut(BaseModel):
+    column: str
+    values: list[FilterValue]
+
+
+class HealthOut(BaseModel):
+    status: str
+    products: int
+    model: str
+    backend: str
+    exact_inner_product: bool
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+def _image_url(product_id: str) -> str:
+    return f"/images/{quote(product_id, safe='')}"  # ids may hold '/', '?', '#': always one path segment
+
+
+def _results(result: SearchResult) -> ResultsOut:
+    hits = [HitOut(rank=h.rank, id=h.id, score=h.score, text=h.text, attributes=h.attributes,
+                   image_url=_image_url(h.id)) for h in result.hits]
+    return ResultsOut(query=result.query, results=hits, warnings=result.warnings)
+
+
+def _where(clauses: list[str] | None) -> dict[str, str]:
+    try:
+        return parse_where(clauses or [])
+    except HSLUsageError:
+        bad = next(c for c in clauses or [] if "=" not in c or not c.partition("=")[0].strip())
+        raise HSLUsageError(f"where={bad!r}: write it as COLUMN=VALUE, e.g. where=gender=Women") from None
+
+
+TopK = Annotated[int, Query(ge=1, le=MAX_TOP_K, description="How many results.")]
+Where = Annotated[list[str] | None, Query(description="Filter COLUMN=VALUE; repeat for several (all must hold).")]
+ProductId = Annotated[str, Path(description="The product's id (URL-encoded).")]
+ERRORS = {400: {"model": ErrorOut}, 404: {"model": ErrorOut}}
+
+
+def create_app(catalog: Catalog) -> FastAPI:
+    """The ASGI app over a loaded catalog (uvicorn serves it; tests drive it with TestClient)."""
+    app = FastAPI(title="hsl", version=__version__,
+                  description="Find product photos from a shopper's words (Hierarchical Similarity Learning).")
+
+    @app.exception_handler(UnknownProductError)
+    async def not_found(request: Request, exc: UnknownProductError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(HSLUsageError)
+    async def bad_request(request: Request, exc: HSLUsageError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(HSLError)
+    async def failed(request: Request, exc: HSLError) -> JSONResponse:
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": str(exc)}, status_code=500)
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> JSONResponse:  # logged with its traceback by uvicorn
+        return JSONResponse({"detail": "internal error; the server's log has the details"}, status_code=500)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE, headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY})
+
+    @app.get("/health", response_model=HealthOut)
+    async def health() -> HealthOut:
+        searcher = catalog.searcher
+        return HealthOut(status="ok", products=len(catalog), model=searcher.model_dir.name,
+                         backend=searcher.index.backend, exact_inner_product=searcher.model.exact_by_inner_product)
+
+    @app.get("/filters", response_model=list[FilterOut])
+    async def filters() -> list[FilterOut]:
+        """Attribute columns with a manageable number of distinct values, each value with its product count."""
+        return [FilterOut(column=c, values=[FilterValue(value=v, count=n) for v, n in values])
+                for c, values in catalog.filters.items()]
+
+    @app.get("/search", response_model=ResultsOut, responses=ERRORS)
+    def search(q: Annotated[str, Query(min_length=1, max_length=10_000, description="What the shopper types.")],
+               k: TopK = 10, where: Where = None) -> ResultsOut:
+        """Rank the catalog's products for the words `q` with the HSL model (score: the HSL similarity)."""
+        return _results(catalog.search(q, top_k=k, where=_where(where)))
+
+    # Registered before /products/{id}: a `path` id would otherwise swallow the "/similar".
+    @app.get("/products/{product_id:path}/similar", response_model=ResultsOut, responses=ERRORS,
+             description=f"More like this product: image-to-image search. Score: {SIMILAR_SCORE}.")
+    def similar(product_id: ProductId, k: TopK = 10, where: Where = None) -> ResultsOut:
+        return _results(catalog.similar(product_id, top_k=k, where=_where(where)))
+
+    @app.get("/products/{product_id:path}", response_model=ProductOut, responses=ERRORS)
+    async def product(product_id: ProductId) -> ProductOut:
+        """One product: title, attributes and the URL of its photo."""
+        item = catalog.product(product_id)
+        return ProductOut(id=item.id, text=item.text, attributes=item.attributes, image_url=_image_url(item.id),
+                          similar_url=f"/products/{quote(item.id, safe='')}/similar")
+
+    @app.get("/images/{product_id:path}", response_class=FileResponse, responses=ERRORS)
+    async def image(product_id: ProductId) -> FileResponse:
+        """The product's photo, from the store's path for this id only (nothing in the URL is a path)."""
+        path = catalog.image_path(product_id)
+        media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return FileResponse(path, media_type=media_type, headers={"Cache-Control": "max-age=3600",
+                                                                  "X-Content-Type-Options": "nosniff"})
+
+    return app
