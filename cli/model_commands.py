@@ -65,6 +65,8 @@ def evaluate(
     model: ModelOption,
     queries: Annotated[Path | None, typer.Option(help="JSONL: {query, relevant: [ids]} or {query, attributes}.")]
     = None,
+    answers: Annotated[Path | None, typer.Option(help="KDD Cup 2020 answer JSON (query id -> product ids): each "
+                                                 "query ranks only its own pool; official NDCG@5.")] = None,
     split: Annotated[str, typer.Option(help="auto (the model's test split), all, train, val or test.")] = "auto",
     hierarchy: Annotated[str | None, typer.Option(help="Category columns, root first, for HP@K.")] = None,
     device: DeviceOption = "cpu",
@@ -76,7 +78,7 @@ def evaluate(
 
     columns = [c.strip() for c in hierarchy.split(",")] if hierarchy else None
     result = run_eval(store, model, str(queries) if queries else None, split=split, hierarchy=columns,
-                      device=str(resolve_device(device)))
+                      device=str(resolve_device(device)), answers_path=str(answers) if answers else None)
     if json_output:
         print_json(result)
         return

@@ -16,9 +16,11 @@ from .render import err, handle_errors, out, print_json, progress_bar
 @app.command()
 @handle_errors
 def extract(
-    source: Annotated[Path, typer.Argument(help="A folder of photos, or a .csv / .jsonl manifest.")],
+    source: Annotated[Path, typer.Argument(help="A folder of photos, a .csv / .jsonl manifest, or a KDD Cup 2020 "
+                                                "TSV (.tsv: detector boxes, no image backbone).")],
     store: StoreOption = Path("catalog.h5"),
-    backbone: Annotated[str | None, typer.Option(help="minilm-effnet (default), tiny, openclip:ARCH/TAG|PATH."
+    backbone: Annotated[str | None, typer.Option(help="minilm-effnet (default), tiny, openclip:ARCH/TAG|PATH;"
+                                                 " for a KDD Cup TSV the text side only: minilm (default), tiny."
                                                  " Default: the store's own, for an existing store.")] = None,
     grid: Annotated[int | None, typer.Option(min=1, help="Pool the region grid to N x N cells.")] = None,
     max_text_tokens: Annotated[int | None, typer.Option(min=1, help="Title tokens kept per product.")] = None,
@@ -30,6 +32,8 @@ def extract(
     workers: Annotated[int | None, typer.Option(min=0, help="Photo-decoding processes (default: cores-1).")] = None,
     device: DeviceOption = "auto",
     max_pixels: Annotated[int | None, typer.Option(min=1, help="Refuse photos with more pixels.")] = None,
+    max_boxes: Annotated[int | None, typer.Option(min=1, help="KDD Cup TSV: keep the N largest boxes per image "
+                                                  "(default 20, as in the paper).")] = None,
     limit: Annotated[int | None, typer.Option(min=0, help="Only the first N products of the source.")] = None,
     allow_outside: Annotated[bool, typer.Option(help="Let manifest image paths leave the manifest's folder.")]
     = False,
@@ -47,7 +51,7 @@ def extract(
     options = ExtractOptions(
         backbone=backbone, grid=grid, max_text_tokens=max_text_tokens, batch_size=batch_size,
         workers=default_workers() if workers is None else workers, device=device,
-        max_pixels=max_pixels or DEFAULT_MAX_PIXELS, limit=limit, allow_outside=allow_outside,
+        max_pixels=max_pixels or DEFAULT_MAX_PIXELS, limit=limit, allow_outside=allow_outside, max_boxes=max_boxes,
         columns=Columns(id=id_column, image=image_column, text=text_column, image_template=image_template))
     with progress_bar("extracting", quiet, unit="img") as progress:
         report = run_extract(source, store, options, progress=progress)

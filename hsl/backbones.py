@@ -287,8 +287,19 @@ def create_backbone(spec: str = DEFAULT_BACKBONE, grid: int | None = None,
     raise HSLUsageError(f"unknown backbone {spec!r}; use minilm-effnet, tiny or openclip:ARCH/TAG")
 
 
+BOXES_PREFIX = "kdd2020-boxes+"  # stores of given detector boxes (KDD Cup 2020): only the text side is a backbone
+_TEXT_NAMES = {"minilm": "minilm-effnet"}  # short names of text towers in a box store's backbone name
+
+
+def text_backbone(spec: str) -> str:
+    """The backbone that encodes a store's text: `kdd2020-boxes+minilm` -> `minilm-effnet`, others as given."""
+    text = spec.removeprefix(BOXES_PREFIX)
+    return _TEXT_NAMES.get(text, text)
+
+
 def create_text_encoder(spec: str, max_text_tokens: int | None = None) -> Backbone:
     """The backbone for encoding queries only (the default preset then skips its image tower)."""
+    spec = text_backbone(spec)
     if spec == "minilm-effnet":
         return MiniLMEffNet(max_text_tokens=max_text_tokens or 32, text_only=True)
     return create_backbone(spec, max_text_tokens=max_text_tokens)

@@ -60,9 +60,32 @@ class Products:
         return self.tokens[index, :longest].to(device).float(), mask[:, :longest].to(device)
 
     def title_keys(self) -> torch.Tensor:
-        """[N] int: equal for products with the same normalised title (in-batch false negatives)."""
+        """[N] int: equal for products with the same normalised title (in-batch false negatives), and for
+        rows with the same `product_id` attribute (a KDD Cup store has a row per (query, product) pair)."""
         seen: dict[str, int] = {}
-        return torch.tensor([seen.setdefault(" ".join(t.lower().split()), len(seen)) for t in self.texts])
+        keys = [seen.setdefault(" ".join(t.lower().split()), len(seen)) for t in self.texts]
+        if "product_id" in self.attributes:
+            keys = _join_groups(keys, self.attributes["product_id"])
+        return torch.tensor(keys)
+
+
+def _join_groups(keys: list[int], products: list[str]) -> list[int]:
+    """Merge title groups that share a product (union-find), so both kinds of duplicate get one key.
+
+    Merging is transitive (title A - product - title B puts A's and B's rows together): a chain can
+    mask a few true negatives, never keeps a false one. Exact masking would need two keys per row."""
+    parent = list(range(max(keys, default=-1) + 1))
+
+    def root(k: int) -> int:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    first: dict[str, int] = {}
+    for key, product in zip(keys, products, strict=True):
+        parent[root(key)] = root(first.setdefault(product, key))
+    return [root(k) for k in keys]
 
 
 def pool_regions(regions: torch.Tensor, grid: int) -> torch.Tensor:
@@ -91,7 +114,8 @@ def load_products(store: FeatureStore, require_text: bool = False, region_grid: 
     feats = store.read_features(rows)
     whole = torch.from_numpy(feats["image_global"])[:, None]  # [N,1,D]
     cells, cell_mask = torch.from_numpy(feats["regions"]), torch.from_numpy(feats["region_mask"]).bool()
-    if region_grid and region_grid * region_grid != cells.shape[1]:
+    # Detector boxes (grid 0, KDD Cup stores) are a set, not a grid: there is nothing to pool.
+    if region_grid and store.meta.get("grid", 1) and region_grid * region_grid != cells.shape[1]:
         cells = pool_regions(cells, region_grid)
         cell_mask = torch.ones(cells.shape[:2], dtype=torch.bool)
     regions = torch.cat([whole, cells], dim=1)  # [N,1+R,D]

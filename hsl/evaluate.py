@@ -97,8 +97,18 @@ def attribute_gains(gallery: Products, wanted: dict[str, str]) -> np.ndarray:
 
 
 def evaluate(store_path: str | os.PathLike, model_dir: str | os.PathLike, queries_path: str | None = None,
-             split: str = "auto", hierarchy: list[str] | None = None, device: str = "cpu") -> dict:
-    """Metrics of a trained model on a store; see the module docstring for the query kinds."""
+             split: str = "auto", hierarchy: list[str] | None = None, device: str = "cpu",
+             answers_path: str | None = None) -> dict:
+    """Metrics of a trained model on a store; see the module docstring for the query kinds.
+
+    With `answers_path` (KDD Cup 2020 valid_answer.json) each query ranks only its own pool (hsl.pools).
+    """
+    if answers_path is not None:
+        if queries_path is not None:
+            raise HSLUsageError("give --queries or --answers, not both")
+        from .pools import evaluate_pools
+
+        return evaluate_pools(store_path, model_dir, answers_path, device=device)
     from .factory import load_model
     from .store import FeatureStore
 
@@ -168,9 +178,9 @@ def _split_products(products: Products, meta: dict, split: str) -> Products:
 
 def encode_query_texts(backbone_name: str, texts: list[str], max_text_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Free-text queries -> (tokens [Q,T,Dt], mask [Q,T]) with the store's text backbone."""
-    from .backbones import create_backbone
+    from .backbones import create_text_encoder
 
-    backbone = create_backbone(backbone_name, max_text_tokens=max_text_tokens)
+    backbone = create_text_encoder(backbone_name, max_text_tokens=max_text_tokens)
     features = backbone.encode_texts(texts)
     positions = torch.arange(features.tokens.shape[1])
     return features.tokens.cpu(), positions[None] < features.lengths.cpu().clamp(min=1)[:, None]

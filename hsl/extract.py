@@ -11,7 +11,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from hsl_data.sources import Columns, Rejected, read_source
+from hsl_data.kdd import is_kdd_tsv
+from hsl_data.sources import Columns, Rejected, SourceItem, read_source
 
 from . import __version__
 from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
@@ -28,6 +29,7 @@ from .images import DEFAULT_MAX_PIXELS, BadItem, load_image
 from .store import DONE, FAILED, PENDING, FeatureStore, RowPlan
 
 ProgressFn = Callable[[int, int], None]
+Fingerprint = Callable[[SourceItem], tuple[int, int] | None]  # (size, stamp) of an item; None: it is gone
 
 
 def default_workers() -> int:
@@ -47,6 +49,7 @@ class ExtractOptions:
     columns: Columns = field(default_factory=Columns)
     limit: int | None = None  # only the first N products of the source (demos, smoke tests)
     allow_outside: bool = False  # manifest image paths may leave the manifest's folder
+    max_boxes: int | None = None  # KDD Cup TSV: boxes kept per image, largest first (None: the store's, or 20)
 
 
 @dataclass
@@ -104,7 +107,16 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding is the worker's job; the cores belong to the forward pass
 
 
-def _plan(listing_items: list, store: FeatureStore | None) -> tuple[list[RowPlan], bool, list[Rejected]]:
+def _file_fingerprint(item: SourceItem) -> tuple[int, int] | None:
+    try:
+        st = os.stat(item.image)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _plan(listing_items: Sequence[SourceItem], store: FeatureStore | None,
+          fingerprint: Fingerprint = _file_fingerprint) -> tuple[list[RowPlan], bool, list[Rejected]]:
     """Rows of the next store (old rows first, in order) and whether the file must be rebuilt."""
     missing: list[Rejected] = []
     old_index: dict[str, int] = {}
@@ -119,12 +131,11 @@ def _plan(listing_items: list, store: FeatureStore | None) -> tuple[list[RowPlan
                                 int(size[i]), int(mtime[i]), int(status[i])))
     rebuild = store is None
     for item in listing_items:
-        try:
-            st = os.stat(item.image)
-        except OSError:
+        stamp = fingerprint(item)
+        if stamp is None:
             missing.append(Rejected(item.id, item.image, "missing_file", "no such file", item.image))
             continue
-        plan = RowPlan(item.id, item.image, item.text, dict(item.attributes), st.st_size, st.st_mtime_ns)
+        plan = RowPlan(item.id, item.image, item.text, dict(item.attributes), *stamp)
         i = old_index.get(item.id)
         if i is None:
             rows.append(plan)
@@ -153,6 +164,10 @@ def extract(source: str | os.PathLike, store_path: str | os.PathLike, options: E
             progress: ProgressFn | None = None) -> ExtractReport:
     """Extract every product of `source` that the store lacks (or that changed) into `store_path`."""
     options = options or ExtractOptions()
+    if is_kdd_tsv(source):  # KDD Cup 2020 detector boxes: no photos, no image backbone
+        from .kdd_extract import extract_kdd
+
+        return extract_kdd(source, store_path, options, progress)
     started = time.perf_counter()
     store_path = Path(store_path)
     if options.batch_size < 1 or options.workers < 0:
@@ -172,31 +187,50 @@ def extract(source: str | os.PathLike, store_path: str | os.PathLike, options: E
         meta = {**backbone.describe(), "hsl_version": __version__}
     else:
         meta = {k: v for k, v in store.meta.items() if k not in ("schema_version", "attribute_columns")}
-    rows, rebuild, missing = _plan(items, store)
+    rows, todo, missing = sync_store(store_path, store, meta, items, listing.attribute_columns)
+    with FeatureStore.open(store_path, writable=True) as writable:
+        if todo and backbone is None:  # a no-op re-run never loads the model
+            backbone = create_backbone(spec, grid=grid, max_text_tokens=tokens).to(device)
+        failed = _run_batches(backbone, writable, rows, todo, options, progress) if todo else []
+    return ExtractReport(store=str(store_path), source_items=len(items),
+                         already_done=len(items) - len(missing) - len(todo), extracted=len(todo) - len(failed),
+                         skipped=list(listing.rejected) + missing + failed, seconds=time.perf_counter() - started)
+
+
+def sync_store(store_path: Path, store: FeatureStore | None, meta: dict, items: Sequence[SourceItem],
+               new_columns: list[str], fingerprint: Fingerprint = _file_fingerprint,
+               ) -> tuple[list[RowPlan], list[int], list[Rejected]]:
+    """Make the store file hold a row for every item: (rows, row indices still to extract, items gone).
+
+    Rebuilds the file atomically when rows or strings change, else resets changed rows in place;
+    `store` (the open old file, if any) is closed either way. Shared by every source format.
+    """
+    rows, rebuild, missing = _plan(items, store, fingerprint)
     attribute_columns = list(store.meta["attribute_columns"]) if store else []
-    attribute_columns += [c for c in listing.attribute_columns if c not in attribute_columns]
+    attribute_columns += [c for c in new_columns if c not in attribute_columns]
     if rebuild:
         old_rows = len(store) if store else 0
         FeatureStore.build(store_path, meta, rows, attribute_columns, copy_from=store, copy_rows=old_rows)
     elif store is not None:
         store.close()
-    missing_ids = {m.id for m in missing}
-    wanted = {item.id for item in items} - missing_ids
+    wanted = {item.id for item in items} - {m.id for m in missing}
     todo = [i for i, r in enumerate(rows) if r.id in wanted and r.status != DONE]
-    with FeatureStore.open(store_path, writable=True) as writable:
-        if not rebuild:  # changed files keep their row: reset status and stats in place
+    if not rebuild and todo:  # changed files keep their row: reset status and stats in place
+        with FeatureStore.open(store_path, writable=True) as writable:
             todo_arr = np.array(todo, dtype=np.int64)
             writable.set_column("status", todo_arr, PENDING)
             writable.set_column("file_size", todo_arr, np.array([rows[i].size for i in todo], dtype=np.int64))
             writable.set_column("file_mtime_ns", todo_arr,
                                 np.array([rows[i].mtime_ns for i in todo], dtype=np.int64))
             writable.flush()
-        if todo and backbone is None:  # a no-op re-run never loads the model
-            backbone = create_backbone(spec, grid=grid, max_text_tokens=tokens).to(device)
-        failed = _run_batches(backbone, writable, rows, todo, options, progress) if todo else []
-    return ExtractReport(store=str(store_path), source_items=len(items), already_done=len(wanted) - len(todo),
-                         extracted=len(todo) - len(failed), skipped=list(listing.rejected) + missing + failed,
-                         seconds=time.perf_counter() - started)
+    return rows, todo, missing
+
+
+def commit_batch(store: FeatureStore, rows: np.ndarray, features: dict[str, np.ndarray]) -> None:
+    """Write a batch's features, flush, and only then mark its rows DONE (a kill never leaves junk DONE)."""
+    store.write_features(rows, features)
+    store.flush()
+    store.set_column("status", rows, DONE)
 
 
 def _run_batches(backbone: Backbone, store: FeatureStore, rows: list[RowPlan], todo: list[int],
@@ -217,9 +251,7 @@ def _run_batches(backbone: Backbone, store: FeatureStore, rows: list[RowPlan], t
             good_rows = np.array([row for row, _ in good], dtype=np.int64)
             features = _encode(backbone, torch.from_numpy(np.stack([p for _, p in good])),
                                [rows[r].text for r in good_rows.tolist()])
-            store.write_features(good_rows, features)
-            store.flush()  # features on disk before the rows say DONE
-            store.set_column("status", good_rows, DONE)
+            commit_batch(store, good_rows, features)
         if bad:
             store.set_column("status", np.array([b[0] for b in bad], dtype=np.int64), FAILED)
             skipped += [Rejected(rows[r].id, rows[r].image, reason, detail, rows[r].image) for r, reason, detail in bad]
@@ -232,6 +264,16 @@ def _run_batches(backbone: Backbone, store: FeatureStore, rows: list[RowPlan], t
 
 def _encode(backbone: Backbone, pixels: torch.Tensor, texts: list[str]) -> dict[str, np.ndarray]:
     whole, regions = backbone.encode_images(pixels)  # [B,D], [B,R,D]
+    return {
+        "image_global": whole.cpu().numpy().astype(np.float16),
+        "regions": regions.cpu().numpy().astype(np.float16),
+        "region_mask": np.ones(regions.shape[:2], np.uint8),
+        **text_features(backbone, texts),
+    }
+
+
+def text_features(backbone: Backbone, texts: list[str]) -> dict[str, np.ndarray]:
+    """The store's text datasets for a batch of titles; an empty title stays zero with length 0."""
     n = len(texts)
     tokens = np.zeros((n, backbone.max_text_tokens, backbone.text_dim), np.float16)
     lengths = np.zeros(n, np.int32)
@@ -242,11 +284,4 @@ def _encode(backbone: Backbone, pixels: torch.Tensor, texts: list[str]) -> dict[
         tokens[with_text] = text.tokens.cpu().numpy()
         lengths[with_text] = text.lengths.cpu().numpy()
         sentence[with_text] = text.sentence.cpu().numpy()
-    return {
-        "image_global": whole.cpu().numpy().astype(np.float16),
-        "regions": regions.cpu().numpy().astype(np.float16),
-        "region_mask": np.ones(regions.shape[:2], np.uint8),
-        "text_tokens": tokens,
-        "text_lengths": lengths,
-        "text_sentence": sentence,
-    }
+    return {"text_tokens": tokens, "text_lengths": lengths, "text_sentence": sentence}
