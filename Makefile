@@ -4,9 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PHOTOS ?= ../shared/data/fashion/images
 STORE ?= demo.h5
+PYTEST_ARGS ?=
 QUERY ?= red floral summer dress
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean reliability
 
 $(BIN)/hsl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +25,13 @@ lint: install
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/extract.py
 
 clean:
 	rm -rf $(VENV) *.egg-info demo.h5
+
+reliability: install  # regenerates docs/reliability.md from the suite's own record
+	$(BIN)/python -m pytest -q tests/test_reliability.py --reliability-report docs/reliability.md
