@@ -24,7 +24,7 @@ from hsl.train import TrainOptions, train
 
 QUERIES = Path(__file__).resolve().parents[1] / "data" / "queries" / "fashion_attributes.jsonl"
 HIERARCHY = ["masterCategory", "subCategory", "articleType"]
-COLUMNS = ["R@1", "R@5", "R@10", "MRR", "NDCG@5", "gNDCG@10", "HP@5", "train_s"]
+COLUMNS = ["R@1", "R@5", "R@10", "MRR", "NDCG@5", "gNDCG@10", "HP@5", "acc_image", "acc_text", "train_s"]
 
 
 def run_one(store: Path, out: Path, config: str, seed: int, epochs: int | None) -> dict:

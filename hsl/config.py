@@ -8,6 +8,7 @@ the same dict plus a `meta` entry, so it also loads here (the `meta` entry is ig
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,76 @@ AGGREGATIONS = ("mean", "max", "topk")
 # Official HSL code (parser.py): Adam 2e-4, StepLR gamma 0.9 every epoch, grad-norm clip 2.0, batch 256.
 DEFAULT_TRAINING = {"lr": 2e-4, "lr_decay": 0.9, "grad_clip": 2.0, "batch_size": 256, "epochs": 10,
                     "weight_decay": 0.0}
+
+
+def _check_number(where: str, key: str, value: Any, positive: bool = False) -> None:
+    """Non-negative (or positive) finite number, not a bool: JSON `true` must not pass as a weight."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (positive and value == 0):
+        raise HSLUsageError(f"{where}: {key} must be a {'positive' if positive else 'non-negative'} number, "
+                            f"got {value!r}")
+
+
+# HEAD_SCALE_WHY: the heads read unit vectors and Adam moves each weight by about lr (2e-4) per step, so
+# in a few hundred steps an unscaled linear head's logits stay within about +-1: a 60-way classifier
+# could never become confident and its loss would barely fall. The multiplier lets them.
+EMBEDDINGS = ("total", "deepest")
+
+
+def _check_head(where: str, embedding: str, logit_scale: Any) -> None:
+    if embedding not in EMBEDDINGS:
+        raise HSLUsageError(f"{where}: embedding must be one of {list(EMBEDDINGS)}, got {embedding!r}")
+    _check_number(where, "logit_scale", logit_scale, positive=True)
+
+
+@dataclass(frozen=True)
+class SGMLConfig:
+    """Semantic granularity metric learning (Manandhar, Bastan, Yap): see hsl/sgml.py for the maths."""
+
+    # column -> weight in the attribute similarity g_ij; also the head's columns. Empty: every attribute
+    # column of the store, weight 1 each.
+    attributes: dict[str, float] = field(default_factory=dict)
+    alpha: float = 2.0  # binomial deviance slope (Yi et al. 2014)
+    beta: float = 0.5  # similarity at which a pair is undecided
+    negative_cost: float = 25.0  # C: m_ij = -C for negatives
+    attribute_weight: float = 1.0  # lambda: L = L_sbd + lambda * L_attr
+    embedding: str = "total"  # what the loss shapes: "total" (index/query vectors) or "deepest" (v^L, q2^L)
+    logit_scale: float = 10.0  # multiplier on the attribute head's logits (see HEAD_SCALE_WHY)
+
+    def check(self, where: str) -> None:
+        where = f"{where}, sgml"
+        for column, weight in self.attributes.items():
+            _check_number(where, f"attributes[{column!r}]", weight)
+        if self.attributes and not sum(self.attributes.values()) > 0:
+            raise HSLUsageError(f"{where}: attribute weights sum to 0; give at least one positive weight")
+        for key in ("alpha", "negative_cost"):
+            _check_number(where, key, getattr(self, key), positive=True)
+        _check_number(where, "attribute_weight", self.attribute_weight)
+        if not -1.0 <= self.beta <= 1.0:
+            raise HSLUsageError(f"{where}: beta must lie in [-1, 1] (a cosine), got {self.beta!r}")
+        _check_head(where, self.embedding, self.logit_scale)
+
+
+@dataclass(frozen=True)
+class HUSEConfig:
+    """HUSE (Narayana et al. 2019): see hsl/huse.py for the maths."""
+
+    class_column: str  # the attribute column whose values are the classes, e.g. articleType
+    class_weight: float = 1.0  # a: shared-classifier cross-entropy
+    graph_weight: float = 1.0  # b: semantic-graph loss
+    gap_weight: float = 1.0  # c: image-text gap loss
+    zeta: float = 0.5  # a pair enters the graph loss when both cosine distances are under zeta
+    embedding: str = "total"  # what the loss shapes: "total" (index/query vectors) or "deepest" (v^L, q2^L)
+    logit_scale: float = 10.0  # multiplier on the shared classifier's logits (see HEAD_SCALE_WHY)
+
+    def check(self, where: str) -> None:
+        where = f"{where}, huse"
+        if not isinstance(self.class_column, str) or not self.class_column:
+            raise HSLUsageError(f"{where}: class_column must name an attribute column, got {self.class_column!r}")
+        for key in ("class_weight", "graph_weight", "gap_weight"):
+            _check_number(where, key, getattr(self, key))
+        _check_number(where, "zeta", self.zeta, positive=True)
+        _check_head(where, self.embedding, self.logit_scale)
 
 
 @dataclass(frozen=True)
@@ -48,6 +119,8 @@ class ModelConfig:
     logit_scale: float = 10.0
     losses: dict[str, float] = field(default_factory=lambda: {"hsl": 1.0})  # loss name -> weight
     training: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TRAINING))
+    sgml: SGMLConfig | None = None  # settings of the "sgml" loss; defaults when the loss is named without them
+    huse: HUSEConfig | None = None  # settings of the "huse" loss; needed when the loss is named
 
     def __post_init__(self) -> None:
         where = f"config {self.name!r}"
@@ -78,6 +151,15 @@ class ModelConfig:
                                 f"known: {sorted(DEFAULT_TRAINING)}")
         if not self.losses:
             raise HSLUsageError(f"{where}: losses is empty; give at least {{\"hsl\": 1.0}}")
+        for name, weight in self.losses.items():
+            _check_number(where, f"losses[{name!r}]", weight)
+        if "sgml" in self.losses and self.sgml is None:
+            object.__setattr__(self, "sgml", SGMLConfig())  # frozen: the one place a default is filled in
+        if "huse" in self.losses and self.huse is None:
+            raise HSLUsageError(f"{where}: loss 'huse' needs a \"huse\" block with its class_column")
+        for block in (self.sgml, self.huse):
+            if block is not None:
+                block.check(where)
 
 
 def config_from_dict(data: dict[str, Any], source: str) -> ModelConfig:
@@ -102,10 +184,28 @@ def config_from_dict(data: dict[str, Any], source: str) -> ModelConfig:
     for key in ("dropout", "logit_scale"):
         if isinstance(data.get(key), int) and not isinstance(data[key], bool):
             data[key] = float(data[key])
+    for key, block in (("sgml", SGMLConfig), ("huse", HUSEConfig)):
+        if data.get(key) is not None:
+            data[key] = _block_from_dict(block, data[key], f"{source}: {key}")
     try:
         return ModelConfig(**data)
     except HSLUsageError as error:
         raise HSLUsageError(f"{source}: {error}") from None
+
+
+def _block_from_dict(block: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise HSLUsageError(f"{where} must be a JSON object, got {data!r}")
+    known = {f.name for f in fields(block)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise HSLUsageError(f"{where}: unknown key {unknown[0]!r}; known keys: {sorted(known)}")
+    if "attributes" in data and not isinstance(data["attributes"], dict):
+        raise HSLUsageError(f"{where}: attributes must map column names to weights, got {data['attributes']!r}")
+    try:
+        return block(**data)
+    except TypeError as error:  # a required key (class_column) is missing
+        raise HSLUsageError(f"{where}: {error}") from None
 
 
 def list_configs() -> list[str]:
@@ -135,4 +235,7 @@ def config_to_dict(config: ModelConfig) -> dict[str, Any]:
     data = asdict(config)
     data["level_weights"] = list(config.level_weights)
     data["granularities"] = list(config.granularities)
+    for key in ("sgml", "huse"):
+        if data[key] is None:
+            del data[key]  # configs without the objective stay as they were before it existed
     return data

@@ -139,14 +139,49 @@ def evaluate(store_path: str | os.PathLike, model_dir: str | os.PathLike, querie
             gains = [attribute_gains(gallery, wanted) for wanted in queries.attributes]
             ranked_gains = [[g[j] for j in row] for g, row in zip(gains, top, strict=True)]
             metrics["gNDCG@10"] = graded_ndcg_at_k(ranked_gains, [np.sort(g)[::-1][:k].tolist() for g in gains], k)
-        query_paths = None  # free-text queries name no category path of their own
+        query_paths = _query_paths(queries, hierarchy)
     if hierarchy and query_paths is not None:
         index = {pid: i for i, pid in enumerate(gallery.ids)}
         ranked_paths = [[_path(gallery, hierarchy, index[pid]) for pid in row] for row in ranked]
         for cut in (1, 5, 10):
             metrics[f"HP@{cut}"] = hierarchical_precision_at_k(ranked_paths, query_paths, cut)
+    if queries_path is None:  # titles of the gallery are the text side: the HUSE classifier's accuracy
+        metrics.update(_huse_accuracy(model, model_dir, gallery, torch_device))
     return {"metrics": {key: round(float(v), 6) for key, v in metrics.items()}, "queries": len(ranked),
             "gallery": len(gallery), "split": split if split != "auto" else _auto_split(meta)}
+
+
+def _query_paths(queries: Queries, hierarchy: list[str] | None) -> list[tuple[str, ...]] | None:
+    """Category paths of attribute queries: the hierarchy columns each names, root first, up to the first
+    it leaves out. None (no HP@K) unless every query names at least the root: a query that names only a
+    leaf has no path of its own, and inferring one from the catalog would grade what the query never said."""
+    if not hierarchy or queries.attributes is None:
+        return None
+    paths = []
+    for wanted in queries.attributes:
+        path = []
+        for column in hierarchy:
+            if column not in wanted:
+                break
+            path.append(wanted[column])
+        if not path:
+            return None
+        paths.append(tuple(path))
+    return paths
+
+
+def _huse_accuracy(model: torch.nn.Module, model_dir: str | os.PathLike, gallery: Products,
+                   device: torch.device) -> dict[str, float]:
+    """acc_image / acc_text of the shared HUSE classifier when the model folder has one, else nothing."""
+    from .objectives import classification_accuracy, load_heads
+
+    heads = load_heads(model_dir, model.config)
+    if heads is None or "huse" not in heads[0]:
+        return {}
+    huse = heads[0]["huse"].to(device)
+    if huse.class_column not in gallery.attributes:
+        return {}
+    return classification_accuracy(model, huse, gallery, heads[1].vocab[huse.class_column], device)
 
 
 def _path(products: Products, hierarchy: list[str], i: int) -> tuple[str, ...]:

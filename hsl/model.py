@@ -74,6 +74,17 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return total / mask.sum(dim=1, keepdim=True).clamp(min=1)  # [B,D]
 
 
+def index_parts(config: ModelConfig) -> tuple[bool, bool]:
+    """Which parts (mean object vector, image vector) each level contributes to the one stored vector."""
+    use_objects, use_images = "object" in config.granularities, "image" in config.granularities
+    return use_objects and (config.agg == "mean" or not use_images), use_images
+
+
+def index_dim(config: ModelConfig) -> int:
+    """D_idx: the size of index_vectors / query_vectors."""
+    return config.levels * config.joint_dim * sum(index_parts(config))
+
+
 class HSLModel(nn.Module):
     def __init__(self, config: ModelConfig, image_dim: int, text_dim: int):
         super().__init__()
@@ -171,8 +182,7 @@ class HSLModel(nn.Module):
     # (object-only configs: the mean object vectors), good for gathering candidates that are then
     # re-ranked with `similarities`. `exact_by_inner_product` tells which case holds.
     def _index_parts(self) -> tuple[bool, bool]:
-        object_part = self.use_objects and (self.config.agg == "mean" or not self.use_images)
-        return object_part, self.use_images
+        return index_parts(self.config)
 
     def index_vectors(self, image: ImageEncoding) -> torch.Tensor:
         """[B,D_idx]: one stored vector per image, levels in order, [mean O^l, v^l] each."""

@@ -24,8 +24,9 @@ from .dataset import Products, Split, load_products
 from .errors import HSLError, HSLUsageError
 from .evaluate import rank_products
 from .factory import create_model, save_model
-from .losses import build_losses
+from .losses import LossBatch, build_losses
 from .metrics import mrr, recall_at_k
+from .objectives import build_context, encode_labels, head_parameters, heads_state, load_heads_state, save_heads
 from .store import FeatureStore
 
 EpochFn = Callable[[dict], None]  # called after each epoch with its record
@@ -99,15 +100,20 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
     if len(train_set) < 2 or (len(val_set) < 1 and options.val_fraction > 0):
         raise HSLUsageError(f"split gives {len(train_set)} training and {len(val_set)} validation products; "
                             "extract more products or change --val-fraction")
+    context = build_context(config, train_set, store_meta["backbone"])
     torch.manual_seed(options.seed)
     model = create_model(config, store_meta["image_dim"], store_meta["text_dim"]).to(device)
+    # Heads of SGML/HUSE initialise after the model, so configs without them draw exactly as before.
+    losses = {name: loss.to(device) for name, loss in build_losses(model.config, context).items()}
+    # Model parameters first: the optimizer's state indices of the model stay those of an HSL-only run.
+    params = [*model.parameters(), *head_parameters(losses)]
+    labels = encode_labels(train_set.attributes, context.vocab)  # column -> [N] label index
     settings = dict(model.config.training)
     epochs = options.epochs or settings["epochs"]
     batch_size = options.batch_size or settings["batch_size"]
     lr = options.lr or settings["lr"]
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=settings.get("weight_decay", 0.0))
+    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=settings.get("weight_decay", 0.0))
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=settings["lr_decay"])
-    losses = build_losses(model.config)
     meta = {"backbone": store_meta["backbone"], "image_dim": store_meta["image_dim"],
             "text_dim": store_meta["text_dim"], "hsl_version": __version__}
     args = {**asdict(options), "epochs": epochs, "batch_size": batch_size, "lr": lr, "store": str(store_path)}
@@ -119,6 +125,7 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
             raise HSLUsageError(f"{out} was trained with config {state['args']['config']} and seed "
                                 f"{state['args']['seed']}; resume with the same --config and --seed")
         model.load_state_dict(tensors["model"])
+        load_heads_state(losses, tensors.get("objectives", {}), str(ckpt.folder))
         _load_optimizer(optimizer, tensors["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
@@ -129,8 +136,8 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
     keys = train_set.title_keys()
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
-        loss = _train_epoch(model, losses, optimizer, train_set, keys, batch_size, settings, options.seed,
-                            epoch, device, on_step)
+        loss = _train_epoch(model, losses, params, optimizer, train_set, keys, labels, batch_size, settings,
+                            options.seed, epoch, device, on_step)
         scheduler.step()
         # --val-fraction 0 (train on everything, e.g. the shipped model): the last epoch is kept.
         metrics = validate(model, val_set, device) if len(val_set) else {}
@@ -139,9 +146,13 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
         if not metrics or record["best"] is None or metrics["R@10"] > record["best"]["val"]["R@10"]:
             record["best"] = entry
             save_model(model, out, {**meta, "epoch": epoch + 1, "split": asdict(split)})
+            save_heads(out, losses, context)
         _atomic_json(out / "metrics.json", record)
         # The checkpoint goes last: a kill before this line redoes the epoch, with the same result.
-        ckpt.save(epoch + 1, {"model": model.state_dict(), "optimizer": _optimizer_tensors(optimizer)},
+        tensors = {"model": model.state_dict(), "optimizer": _optimizer_tensors(optimizer)}
+        if heads_state(losses):
+            tensors["objectives"] = heads_state(losses)
+        ckpt.save(epoch + 1, tensors,
                   {"epoch": epoch + 1, "scheduler": scheduler.state_dict(), "record": record, "args": args})
         if on_epoch:
             on_epoch(entry)
@@ -150,9 +161,9 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
     return record
 
 
-def _train_epoch(model: torch.nn.Module, losses: dict, optimizer: torch.optim.Optimizer, products: Products,
-                 keys: torch.Tensor, batch_size: int, settings: dict, seed: int, epoch: int,
-                 device: torch.device, on_step: StepFn | None) -> float:
+def _train_epoch(model: torch.nn.Module, losses: dict, params: list, optimizer: torch.optim.Optimizer,
+                 products: Products, keys: torch.Tensor, labels: dict[str, torch.Tensor], batch_size: int,
+                 settings: dict, seed: int, epoch: int, device: torch.device, on_step: StepFn | None) -> float:
     model.train()
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     torch.manual_seed(seed * 100_003 + epoch)  # dropout: the same masks after a resume
@@ -163,12 +174,13 @@ def _train_epoch(model: torch.nn.Module, losses: dict, optimizer: torch.optim.Op
     for step, index in enumerate(batches):
         image = model.encode_image(*products.image_batch(index, device))
         text = model.encode_text(*products.text_batch(index, device))
-        sims = model.similarities(text, image)
-        loss = sum(weight * losses[name](sims, keys[index].to(device))
-                   for name, weight in model.config.losses.items())
+        batch = LossBatch(model.similarities(text, image), keys[index].to(device), text, image,
+                          {column: values[index].to(device) for column, values in labels.items()},
+                          model.index_vectors(image), model.query_vectors(text))
+        loss = sum(weight * losses[name](batch) for name, weight in model.config.losses.items())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(params, settings["grad_clip"])
         optimizer.step()
         total += loss.item()
         if on_step:

@@ -115,3 +115,67 @@ def test_resume_from_every_epoch_gives_the_same_weights(tiny_store: Path, tmp_pa
         got = _weights(out)
         assert all(torch.equal(got[key], want[key]) for key in want), f"resumed after epoch {k}"
         assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"]]
+
+
+def _objective_config(tmp_path: Path, losses: dict) -> str:
+    """hsl-tiny-objectives with only the given losses, as a JSON file."""
+    from hsl.config import config_to_dict, load_config
+
+    data = {**config_to_dict(load_config("hsl-tiny-objectives")), "losses": losses}
+    path = tmp_path / f"tiny-{'-'.join(losses)}.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("losses", [{"hsl": 1.0, "sgml": 0.5}, {"hsl": 1.0, "huse": 0.5}])
+def test_train_with_one_objective(tiny_store: Path, tmp_path: Path, losses: dict) -> None:
+    from hsl.factory import load_model
+
+    config = _objective_config(tmp_path, losses)
+    record = train(tiny_store, tmp_path / "m", TrainOptions(config=config, epochs=1, seed=1))
+    assert all(h["loss"] == h["loss"] for h in record["history"])  # not NaN
+    heads = load_file(str(tmp_path / "m" / "objectives.safetensors"))
+    name = next(n for n in losses if n != "hsl")
+    assert heads and all(key.startswith(f"{name}.") for key in heads)
+    model, _ = load_model(tmp_path / "m")  # search loads the model folder without the heads
+    assert not any(key.startswith(name) for key in model.state_dict())
+    metrics = evaluate(tiny_store, tmp_path / "m")["metrics"]
+    assert ("acc_image" in metrics) == ("huse" in losses)
+
+
+def test_objectives_resume_bit_exact_and_report_accuracy(tiny_store: Path, tmp_path: Path) -> None:
+    """SGML and HUSE heads and their Adam state survive a stop after epoch 1 like the model does."""
+    options = TrainOptions(config="hsl-tiny-objectives", epochs=3, seed=4)
+    whole = train(tiny_store, tmp_path / "whole", options)
+    train(tiny_store, tmp_path / "stop", TrainOptions(config="hsl-tiny-objectives", epochs=1, seed=4))
+    resumed = train(tiny_store, tmp_path / "stop", TrainOptions(config="hsl-tiny-objectives", epochs=3, seed=4,
+                                                                resume=True))
+    for name in ("model.safetensors", "objectives.safetensors"):
+        want, got = load_file(str(tmp_path / "whole" / name)), load_file(str(tmp_path / "stop" / name))
+        assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"]]
+    metrics = evaluate(tiny_store, tmp_path / "whole", hierarchy=["kind"])["metrics"]
+    assert 0.0 <= metrics["acc_image"] <= 1.0 and 0.0 <= metrics["acc_text"] <= 1.0 and "HP@5" in metrics
+
+
+def test_objective_columns_must_be_store_columns(tiny_store: Path, tmp_path: Path) -> None:
+    from hsl.config import config_to_dict, load_config
+
+    data = config_to_dict(load_config("hsl-tiny-objectives"))
+    data["huse"]["class_column"] = "articleType"
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    with pytest.raises(HSLUsageError, match="'articleType' is not a store column"):
+        train(tiny_store, tmp_path / "m", TrainOptions(config=str(tmp_path / "c.json"), epochs=1))
+
+
+def test_hierarchy_precision_for_attribute_queries(tiny_store: Path, tmp_path: Path) -> None:
+    train(tiny_store, tmp_path / "m", TrainOptions(config="hsl-tiny", epochs=1))
+    rooted = tmp_path / "rooted.jsonl"  # each query names the hierarchy's root: HP@K is defined
+    rooted.write_text("".join(json.dumps({"query": q, "attributes": a}) + "\n" for q, a in [
+        ("red dress", {"kind": "dress", "colour": "red"}), ("shoes", {"kind": "shoe"})]))
+    metrics = evaluate(tiny_store, tmp_path / "m", str(rooted), split="all", hierarchy=["kind", "colour"])["metrics"]
+    assert 0.0 <= metrics["HP@5"] <= 1.0 and "gNDCG@10" in metrics
+    leaf_only = tmp_path / "leaf.jsonl"  # names the leaf but not the root: no path of its own, no HP@K
+    leaf_only.write_text(json.dumps({"query": "red things", "attributes": {"colour": "red"}}) + "\n")
+    assert "HP@5" not in evaluate(tiny_store, tmp_path / "m", str(leaf_only), split="all",
+                                  hierarchy=["kind", "colour"])["metrics"]
