@@ -33,13 +33,20 @@ def train(
     quiet: QuietOption = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Train HSL on the (title, photo) pairs of a store; keeps the best epoch by validation R@10."""
+    """Train HSL on the (title, photo) pairs of a store; keeps the best epoch by validation R@10.
+
+    Under `torchrun --nproc-per-node N` the processes share each batch (DistributedDataParallel);
+    rank 0 alone reports and writes."""
+    from hsl.distributed import from_env
     from hsl.extract import resolve_device
     from hsl.train import TrainOptions
     from hsl.train import train as run_train
 
     options = TrainOptions(config=config, epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
                            test_fraction=test_fraction, seed=seed, device=str(resolve_device(device)), resume=resume)
+
+    main_rank = from_env().is_main
+    quiet = quiet or not main_rank
 
     def report_epoch(entry: dict) -> None:
         if not quiet:
@@ -50,6 +57,8 @@ def train(
     with progress_bar("training", quiet, unit="steps") as progress:
         record = run_train(store, out_dir, options, on_step=lambda step, total, loss: progress(step, total),
                            on_epoch=report_epoch)
+    if not main_rank:
+        return
     best = record["best"]
     if json_output:
         print_json({"out": str(out_dir), "best_epoch": best["epoch"], "val": best["val"], "split": record["split"]})

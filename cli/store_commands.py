@@ -1,7 +1,8 @@
-"""`hsl extract` and `hsl info`: build a feature store and look inside it."""
+"""`hsl extract`, `hsl merge` and `hsl info`: build a feature store, join shards, look inside."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -42,7 +43,12 @@ def extract(
     quiet: QuietOption = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Extract photo and title features into an HDF5 store (resumable; re-runs add only what is new)."""
+    """Extract photo and title features into an HDF5 store (resumable; re-runs add only what is new).
+
+    Under `torchrun --nproc-per-node N` each process extracts a share into STORE.shards/ and rank 0
+    merges them into STORE; only rank 0 prints.
+    """
+    from hsl.distributed import from_env
     from hsl.extract import ExtractOptions, default_workers
     from hsl.extract import extract as run_extract
     from hsl.images import DEFAULT_MAX_PIXELS
@@ -53,18 +59,26 @@ def extract(
         workers=default_workers() if workers is None else workers, device=device,
         max_pixels=max_pixels or DEFAULT_MAX_PIXELS, limit=limit, allow_outside=allow_outside, max_boxes=max_boxes,
         columns=Columns(id=id_column, image=image_column, text=text_column, image_template=image_template))
-    with progress_bar("extracting", quiet, unit="img") as progress:
-        report = run_extract(source, store, options, progress=progress)
+    me = from_env()
+    label = f"extracting (rank 0's share of {me.world})" if me.distributed else "extracting"
+    with progress_bar(label, quiet or not me.is_main, unit="img") as progress:
+        report = run_extract(source, store, options, progress=progress, me=me)
+    if not me.is_main:  # rank 0 reports the whole job; the other ranks only agree on the exit code
+        if strict and report.skipped:
+            raise typer.Exit(1)
+        return
     if errors is not None:
         report.write_errors(errors)
     summary = {"store": report.store, "source_items": report.source_items, "extracted": report.extracted,
                "already_done": report.already_done, "skipped": len(report.skipped),
-               "skipped_by_reason": report.skipped_by_reason(), "seconds": round(report.seconds, 2)}
+               "skipped_by_reason": report.skipped_by_reason(), "seconds": round(report.seconds, 2),
+               "processes": report.processes}
     if json_output:
         print_json(summary)
     else:
         out.print(f"{report.extracted} extracted, {report.already_done} already in the store, "
-                  f"{len(report.skipped)} skipped in {report.seconds:.1f}s -> {report.store}", highlight=False)
+                  f"{len(report.skipped)} skipped in {report.seconds:.1f}s -> {report.store}"
+                  + (f" ({report.processes} processes)" if report.processes > 1 else ""), highlight=False)
         for reason, count in report.skipped_by_reason().items():
             out.print(f"  skipped {count:>6} {reason}", highlight=False)
         for item in report.skipped[:5]:
@@ -73,6 +87,25 @@ def extract(
             err.print(f"  ... {len(report.skipped) - 5} more" + ("" if errors else "; list them with --errors FILE"))
     if strict and report.skipped:
         raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
+def merge(
+    shards: Annotated[list[Path], typer.Argument(help="Shard stores to join, in order (e.g. OUT.h5.shards/*.h5).")],
+    store: Annotated[Path, typer.Option("--store", "-s", help="The merged store. An existing one is merged into: "
+                                        "a shard row replaces the row with its id, new ids follow.")],
+    json_output: JsonOption = False,
+) -> None:
+    """Join shard stores of one extraction into one store (atomic; re-running gives the same store)."""
+    from hsl.merge import merge as run_merge
+
+    report = run_merge(shards, store)
+    if json_output:
+        print_json({**asdict(report), "seconds": round(report.seconds, 2)})
+        return
+    out.print(f"{report.rows} rows from {len(report.shards)} shard(s) ({report.done} done, {report.not_done} still "
+              f"to extract, {report.replaced} replaced) in {report.seconds:.1f}s -> {report.store}", highlight=False)
 
 
 @app.command()

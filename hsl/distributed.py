@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -51,13 +53,39 @@ def from_env() -> Rank:
     return Rank(rank, world, _env_int("LOCAL_RANK", 0))
 
 
-def init(device: torch.device | None = None) -> Rank:
-    """Join the process group when launched by torchrun: nccl for CUDA devices, gloo otherwise."""
+def init(device: torch.device | None = None, timeout: timedelta | None = None) -> Rank:
+    """Join the process group when launched by torchrun: nccl for CUDA devices, gloo otherwise.
+
+    `timeout` bounds each collective (torch's default: 30 minutes for gloo)."""
     me = from_env()
     if me.distributed and not dist.is_initialized():
         backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=timeout)
     return me
+
+
+def gather_objects(value: Any, me: Rank) -> list[Any]:
+    """Every rank's picklable `value`, in rank order, on every rank (also a barrier)."""
+    if not me.distributed:
+        return [value]
+    values: list[Any] = [None] * me.world
+    dist.all_gather_object(values, value)
+    return values
+
+
+def scatter_objects(values: list[Any] | None, me: Rank) -> Any:
+    """Rank 0's values[r] on rank r (the other ranks pass None); each rank receives only its own."""
+    if not me.distributed:
+        return values[0] if values else None
+    received: list[Any] = [None]
+    dist.scatter_object_list(received, values if me.is_main else None, src=0)
+    return received[0]
+
+
+def finish() -> None:
+    """Leave the process group (torch warns at exit about a group left open)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -24,6 +24,7 @@ from hsl_data.sources import Columns, Rejected, SourceItem, read_source
 
 from . import __version__
 from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
+from .distributed import Rank, from_env
 from .errors import HSLUsageError, StoreMismatchError
 from .images import DEFAULT_MAX_PIXELS, BadItem, load_image
 from .store import DONE, FAILED, PENDING, FeatureStore, RowPlan
@@ -33,8 +34,12 @@ Fingerprint = Callable[[SourceItem], tuple[int, int] | None]  # (size, stamp) of
 
 
 def default_workers() -> int:
-    """One decoding process per spare core: on 2 cores, 1 worker beside the forward pass."""
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
+    """One decoding process per spare core: on 2 cores, 1 worker beside the forward pass.
+
+    Under torchrun the node's cores are split between its LOCAL_WORLD_SIZE processes first."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    processes = int(local) if local.isdigit() and int(local) > 0 else 1
+    return max(1, min(4, (os.cpu_count() or 2) // processes - 1))
 
 
 @dataclass
@@ -60,6 +65,7 @@ class ExtractReport:
     extracted: int
     skipped: list[Rejected]
     seconds: float
+    processes: int = 1  # torchrun processes that shared the work
 
     def skipped_by_reason(self) -> dict[str, int]:
         return dict(Counter(s.reason for s in self.skipped).most_common())
@@ -122,13 +128,8 @@ def _plan(listing_items: Sequence[SourceItem], store: FeatureStore | None,
     old_index: dict[str, int] = {}
     rows: list[RowPlan] = []
     if store is not None:
-        attrs = store.attributes()
-        status, size, mtime = store.column("status"), store.column("file_size"), store.column("file_mtime_ns")
-        for i, (rid, image, text) in enumerate(zip(store.strings("ids"), store.strings("images"),
-                                                   store.strings("texts"), strict=True)):
-            old_index[rid] = i
-            rows.append(RowPlan(rid, image, text, {c: v[i] for c, v in attrs.items()},
-                                int(size[i]), int(mtime[i]), int(status[i])))
+        rows = store.row_plans()
+        old_index = {row.id: i for i, row in enumerate(rows)}
     rebuild = store is None
     for item in listing_items:
         stamp = fingerprint(item)
@@ -161,40 +162,68 @@ def _check_backbone(store: FeatureStore, options: ExtractOptions) -> None:
 
 
 def extract(source: str | os.PathLike, store_path: str | os.PathLike, options: ExtractOptions | None = None,
-            progress: ProgressFn | None = None) -> ExtractReport:
-    """Extract every product of `source` that the store lacks (or that changed) into `store_path`."""
+            progress: ProgressFn | None = None, me: Rank | None = None) -> ExtractReport:
+    """Extract every product of `source` that the store lacks (or that changed) into `store_path`.
+
+    Under torchrun (`me`, by default from the environment, has world > 1) every process extracts a share
+    into its own shard store and rank 0 merges them (hsl/shards.py); every rank returns the job's report.
+    """
     options = options or ExtractOptions()
+    me = from_env() if me is None else me
     if is_kdd_tsv(source):  # KDD Cup 2020 detector boxes: no photos, no image backbone
+        if me.distributed:
+            raise HSLUsageError("a KDD Cup TSV is extracted by one process (it is read as a stream, without a "
+                                "backbone for images); run hsl extract without torchrun")
         from .kdd_extract import extract_kdd
 
         return extract_kdd(source, store_path, options, progress)
-    started = time.perf_counter()
-    store_path = Path(store_path)
     if options.batch_size < 1 or options.workers < 0:
         raise HSLUsageError("--batch-size must be at least 1 and --workers at least 0")
+    if me.distributed:
+        from .shards import extract_sharded
+
+        return extract_sharded(source, Path(store_path), options, me, progress)
+    started = time.perf_counter()
+    store_path = Path(store_path)
     store = FeatureStore.open(store_path) if store_path.exists() else None
     if store is not None:
         _check_backbone(store, options)  # before any work: no model loaded, nothing written
     listing = read_source(source, options.columns, allow_outside=options.allow_outside)
     items = listing.items[: options.limit] if options.limit is not None else listing.items
-    spec = options.backbone or (store.meta["backbone"] if store else DEFAULT_BACKBONE)
-    grid = options.grid or (store.meta["grid"] if store else None)
-    tokens = options.max_text_tokens or (store.meta["max_text_tokens"] if store else None)
+    report = extract_items(items, store_path, store, options, listing.attribute_columns, progress)
+    report.skipped[:0] = listing.rejected
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def extract_items(items: Sequence[SourceItem], store_path: Path, store: FeatureStore | None,
+                  options: ExtractOptions, attribute_columns: list[str], progress: ProgressFn | None = None,
+                  template: dict | None = None) -> ExtractReport:
+    """Bring `store_path` (open as `store`, or None when absent) up to date with `items`.
+
+    `template` is the meta of the store a new file must match (a shard of an existing store);
+    without one a new file takes the backbone's own description.
+    """
+    started = time.perf_counter()
+    known = store.meta if store is not None else template
+    spec = options.backbone or (known["backbone"] if known else DEFAULT_BACKBONE)
+    grid = options.grid or (known["grid"] if known else None)
+    tokens = options.max_text_tokens or (known["max_text_tokens"] if known else None)
     device = resolve_device(options.device)
     backbone = None
-    if store is None:
+    if known is None:
         backbone = create_backbone(spec, grid=grid, max_text_tokens=tokens).to(device)
         meta = {**backbone.describe(), "hsl_version": __version__}
     else:
-        meta = {k: v for k, v in store.meta.items() if k not in ("schema_version", "attribute_columns")}
-    rows, todo, missing = sync_store(store_path, store, meta, items, listing.attribute_columns)
+        meta = {k: v for k, v in known.items() if k not in ("schema_version", "attribute_columns")}
+    rows, todo, missing = sync_store(store_path, store, meta, items, attribute_columns)
     with FeatureStore.open(store_path, writable=True) as writable:
         if todo and backbone is None:  # a no-op re-run never loads the model
             backbone = create_backbone(spec, grid=grid, max_text_tokens=tokens).to(device)
         failed = _run_batches(backbone, writable, rows, todo, options, progress) if todo else []
     return ExtractReport(store=str(store_path), source_items=len(items),
                          already_done=len(items) - len(missing) - len(todo), extracted=len(todo) - len(failed),
-                         skipped=list(listing.rejected) + missing + failed, seconds=time.perf_counter() - started)
+                         skipped=missing + failed, seconds=time.perf_counter() - started)
 
 
 def sync_store(store_path: Path, store: FeatureStore | None, meta: dict, items: Sequence[SourceItem],

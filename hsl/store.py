@@ -41,6 +41,15 @@ class RowPlan:
     status: int = PENDING
 
 
+@dataclass
+class RowCopy:
+    """Rows whose datasets a new file takes from an open store: `source` row src[i] becomes row dst[i]."""
+
+    source: FeatureStore
+    src: np.ndarray
+    dst: np.ndarray
+
+
 def _feature_shapes(meta: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     r, di, dt, t = meta["num_regions"], meta["image_dim"], meta["text_dim"], meta["max_text_tokens"]
     return {
@@ -94,27 +103,31 @@ class FeatureStore:
 
     @staticmethod
     def build(path: str | os.PathLike, meta: dict, rows: Sequence[RowPlan], attribute_columns: list[str],
-              copy_from: FeatureStore | None = None, copy_rows: int = 0) -> None:
-        """Write a complete new file for `rows`; the first `copy_rows` keep `copy_from`'s features."""
+              copy_from: FeatureStore | None = None, copy_rows: int = 0, copies: Sequence[RowCopy] = ()) -> None:
+        """Write a complete new file for `rows`; the first `copy_rows` keep `copy_from`'s features, and
+        each of `copies` brings its rows' features along. Every source is closed before the replace."""
         path = Path(path)
+        copies = list(copies)
+        if copy_from is not None:
+            copies.insert(0, RowCopy(copy_from, np.arange(copy_rows), np.arange(copy_rows)))
         tmp = path.with_name(path.name + ".tmp")
         kept = "the existing store is unchanged" if path.exists() else "no store was written"
         ensure_space(tmp, _estimated_bytes(meta, rows, attribute_columns), kept)
         try:
-            FeatureStore._write_file(tmp, meta, rows, attribute_columns, copy_from, copy_rows)
+            FeatureStore._write_file(tmp, meta, rows, attribute_columns, copies)
             _fsync_path(tmp)
         except (OSError, RuntimeError) as exc:  # the disk filled up meanwhile, quota, ...: the old store stays
             tmp.unlink(missing_ok=True)
             raise HSLError(f"{path}: could not write {tmp.name} ({_short(exc)}); free disk space or pick another "
                            f"--store ({kept})") from None
-        if copy_from is not None:
-            copy_from.close()
+        for copy in copies:
+            copy.source.close()
         os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
         _fsync_path(path.parent)
 
     @staticmethod
     def _write_file(tmp: Path, meta: dict, rows: Sequence[RowPlan], attribute_columns: list[str],
-                    copy_from: FeatureStore | None, copy_rows: int) -> None:
+                    copies: Sequence[RowCopy]) -> None:
         n = len(rows)
         f = h5py.File(tmp, "w")
         try:
@@ -131,9 +144,9 @@ class FeatureStore:
                                                            dtype=object), dtype=text)
             for name, (shape, dtype) in _feature_shapes(meta).items():
                 ds = _preallocated(f, name, (n, *shape), dtype)
-                for start in range(0, min(copy_rows, n), _COPY_BLOCK):
-                    stop = min(start + _COPY_BLOCK, copy_rows)
-                    ds[start:stop] = copy_from._f[name][start:stop]
+                for copy in copies:
+                    for src, dst, count in _runs(copy.src, copy.dst):
+                        ds[dst:dst + count] = copy.source._f[name][src:src + count]
             f["status"][:] = np.array([r.status for r in rows], dtype=np.uint8)
             f["file_size"][:] = np.array([r.size for r in rows], dtype=np.int64)
             f["file_mtime_ns"][:] = np.array([r.mtime_ns for r in rows], dtype=np.int64)
@@ -159,6 +172,15 @@ class FeatureStore:
         return {"id": self._f["ids"].asstr()[row], "image": self._f["images"].asstr()[row],
                 "text": self._f["texts"].asstr()[row],
                 "attributes": {c: self._f["attributes"][c].asstr()[row] for c in self.meta["attribute_columns"]}}
+
+    def row_plans(self) -> list[RowPlan]:
+        """Every row's strings, file stamp and status: what a rebuild or a merge carries over."""
+        attrs = self.attributes()
+        status, size, mtime = self.column("status"), self.column("file_size"), self.column("file_mtime_ns")
+        return [RowPlan(rid, image, text, {c: v[i] for c, v in attrs.items()}, int(size[i]), int(mtime[i]),
+                        int(status[i]))
+                for i, (rid, image, text) in enumerate(zip(self.strings("ids"), self.strings("images"),
+                                                           self.strings("texts"), strict=True))]
 
     def column(self, name: str) -> np.ndarray:
         """A whole numeric dataset (status, file_size, ...) as numpy."""
@@ -218,6 +240,17 @@ class FeatureStore:
             "hsl_version": self.meta.get("hsl_version", ""),
             "file_bytes": self.path.stat().st_size,
         }
+
+
+def _runs(src: np.ndarray, dst: np.ndarray) -> list[tuple[int, int, int]]:
+    """(src start, dst start, count) blocks where both row lists run on by one: slice copies, not per row."""
+    src, dst = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+    breaks = (np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1).tolist()
+    blocks = []
+    for start, stop in zip([0, *breaks], [*breaks, len(src)], strict=True):
+        for first in range(start, stop, _COPY_BLOCK):
+            blocks.append((int(src[first]), int(dst[first]), min(_COPY_BLOCK, stop - first)))
+    return blocks
 
 
 def _estimated_bytes(meta: dict, rows: Sequence[RowPlan], attribute_columns: list[str]) -> int:

@@ -4,6 +4,11 @@ Deterministic for a fixed seed on CPU: the split comes from hashed ids, each epo
 dropout from (seed, epoch). After every epoch the full training state goes to `DIR/checkpoint/`
 atomically, so `--resume` after a kill continues from the last finished epoch and ends with the
 same weights as an uninterrupted run.
+
+Under `torchrun` (hsl/distributed.py) the towers run in DistributedDataParallel: every rank draws
+the same global batches, encodes its own share of each, and gathers the encodings of all shares, so
+the in-batch loss sees exactly the negatives of a one-process run with the same global batch. Only
+rank 0 validates and writes the model folder and checkpoints.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from . import __version__
+from . import __version__, distributed
 from .checkpoint import Checkpoint
 from .config import load_config
 from .dataset import Products, Split, load_products
@@ -26,6 +33,7 @@ from .evaluate import rank_products
 from .factory import create_model, save_model
 from .losses import LossBatch, build_losses
 from .metrics import mrr, recall_at_k
+from .model import ImageEncoding, TextEncoding
 from .objectives import build_context, encode_labels, head_parameters, heads_state, load_heads_state, save_heads
 from .store import FeatureStore
 
@@ -90,6 +98,10 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
     # --resume before any epoch finished (a kill during the first one) simply starts from scratch.
     resuming = options.resume and ckpt.exists()
     device = torch.device(options.device)
+    me = distributed.init(device)
+    if me.distributed and device.type == "cuda":
+        device = torch.device("cuda", me.local_rank)  # one GPU per process, as torchrun's local rank says
+    distributed.barrier()  # every rank has looked at --out before rank 0 writes into it
     config = load_config(options.config)
     with FeatureStore.open(store_path) as store:
         products = load_products(store, require_text=True, region_grid=config.region_grid)
@@ -131,14 +143,20 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
             group["lr"] = lr  # the optimizer's state above came with the initial learning rate
         record, start_epoch = state["record"], state["epoch"]
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_json(out / "train_args.json", args)
+    if me.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_json(out / "train_args.json", {**args, "processes": me.world})
+    towers = _Towers(model)
+    if me.distributed:
+        towers = DistributedDataParallel(towers, device_ids=[device.index] if device.type == "cuda" else None)
     keys = train_set.title_keys()
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
-        loss = _train_epoch(model, losses, params, optimizer, train_set, keys, labels, batch_size, settings,
-                            options.seed, epoch, device, on_step)
+        loss = _train_epoch(towers, model, losses, params, optimizer, train_set, keys, labels, batch_size, settings,
+                            options.seed, epoch, device, me, on_step)
         scheduler.step()
+        if not me.is_main:  # the other ranks only help with the gradients
+            continue
         # --val-fraction 0 (train on everything, e.g. the shipped model): the last epoch is kept.
         metrics = validate(model, val_set, device) if len(val_set) else {}
         entry = {"epoch": epoch + 1, "loss": loss, "val": metrics, "seconds": round(time.perf_counter() - started, 2)}
@@ -156,24 +174,58 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
                   {"epoch": epoch + 1, "scheduler": scheduler.state_dict(), "record": record, "args": args})
         if on_epoch:
             on_epoch(entry)
-    if record["best"] is None:
+    distributed.barrier()  # no rank leaves (and tears the group down) while rank 0 still writes
+    distributed.finish()
+    if record["best"] is None and me.is_main:
         raise HSLError(f"{out}: no epoch was trained (epochs={epochs})")
     return record
 
 
-def _train_epoch(model: torch.nn.Module, losses: dict, params: list, optimizer: torch.optim.Optimizer,
+class _Towers(nn.Module):
+    """The model's image and text towers as one forward(): the call that DistributedDataParallel hooks
+    into to all-reduce the gradients. (The similarities that follow hold no parameters.)"""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, regions: torch.Tensor, region_mask: torch.Tensor, tokens: torch.Tensor,
+                token_mask: torch.Tensor) -> tuple[TextEncoding, ImageEncoding]:
+        image = self.model.encode_image(regions, region_mask)  # image first: the dropout draws of one process
+        return self.model.encode_text(tokens, token_mask), image
+
+
+def _gather(text: TextEncoding, image: ImageEncoding, me: distributed.Rank) -> tuple[TextEncoding, ImageEncoding]:
+    """Every rank's encodings of its share, in rank order: the whole global batch, differentiably."""
+    if not me.distributed:
+        return text, image
+
+    def rows(tensor: torch.Tensor) -> torch.Tensor:
+        return distributed.all_gather_rows(tensor, me)
+
+    mask = rows(image.mask.to(torch.uint8)).bool()  # gloo gathers no bool tensors
+    return (TextEncoding([rows(q) for q in text.object_queries], [rows(q) for q in text.image_queries]),
+            ImageEncoding([rows(o) for o in image.objects], [rows(v) for v in image.images], mask))
+
+
+def _train_epoch(towers: nn.Module, model: nn.Module, losses: dict, params: list, optimizer: torch.optim.Optimizer,
                  products: Products, keys: torch.Tensor, labels: dict[str, torch.Tensor], batch_size: int,
-                 settings: dict, seed: int, epoch: int, device: torch.device, on_step: StepFn | None) -> float:
+                 settings: dict, seed: int, epoch: int, device: torch.device, me: distributed.Rank,
+                 on_step: StepFn | None) -> float:
     model.train()
+    # Every rank draws the same global order; dropout differs per rank (rank 0 draws as one process does).
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    torch.manual_seed(seed * 100_003 + epoch)  # dropout: the same masks after a resume
+    torch.manual_seed(seed * 100_003 + epoch + 1_000_003 * me.rank)  # dropout: the same masks after a resume
     order = torch.randperm(len(products), generator=generator)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    batches = [b for b in batches if len(b) > 1]  # a batch of one has no negatives
+    # A batch of one has no negatives; one smaller than the number of ranks would leave a rank idle.
+    batches = [b for b in batches if len(b) > 1 and len(b) >= me.world]
     total = 0.0
     for step, index in enumerate(batches):
-        image = model.encode_image(*products.image_batch(index, device))
-        text = model.encode_text(*products.text_batch(index, device))
+        part = distributed.share(len(index), me)  # this rank's share of the global batch
+        mine = index[part.start:part.stop]
+        text, image = towers(*products.image_batch(mine, device), *products.text_batch(mine, device))
+        text, image = _gather(text, image, me)
         batch = LossBatch(model.similarities(text, image), keys[index].to(device), text, image,
                           {column: values[index].to(device) for column, values in labels.items()},
                           model.index_vectors(image), model.query_vectors(text))

@@ -40,6 +40,20 @@ def write_folder(root: Path, n: int, size: int = 48) -> Path:
     return root
 
 
+def big_photos(root: Path, n: int, size: int = 640) -> Path:
+    """n large JPEGs (copies of 4 originals) with titles: decoding keeps a run busy for seconds."""
+    root.mkdir(parents=True)
+    originals = []
+    for seed in range(4):
+        synthetic_photo(seed, size=size)[0].save(root / "original.jpg", quality=95)
+        originals.append((root / "original.jpg").read_bytes())
+    (root / "original.jpg").unlink()
+    for i in range(n):
+        (root / f"p{i:04d}.jpg").write_bytes(originals[i % 4])
+        (root / f"p{i:04d}.txt").write_text(f"product number {i}")
+    return root
+
+
 def write_manifest(root: Path, n: int, extra_rows: list[dict] | None = None) -> Path:
     """images/ID.jpg plus products.csv with id, image, text and two attribute columns."""
     (root / "images").mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from hsl.factory import create_model, save_model
 from hsl.search import Searcher
 from hsl.store import DONE, FeatureStore
 
-from .conftest import synthetic_photo, write_manifest
+from .conftest import big_photos, synthetic_photo, write_manifest
 
 FAULTS = "faults"
 HSL = [sys.executable, "-m", "hsl_cli.main"]
@@ -44,19 +44,6 @@ def _same_store(a: Path, b: Path) -> None:
     for name in ("image_global", "regions", "text_tokens", "text_sentence"):
         np.testing.assert_allclose(got[name], want[name], atol=2e-3)
 
-
-def _big_photos(root: Path, n: int) -> Path:
-    """n large JPEGs (copies of 4 originals): decoding keeps a run busy for seconds."""
-    root.mkdir(parents=True)
-    originals = []
-    for seed in range(4):
-        synthetic_photo(seed, size=640)[0].save(root / "original.jpg", quality=95)
-        originals.append((root / "original.jpg").read_bytes())
-    (root / "original.jpg").unlink()
-    for i in range(n):
-        (root / f"p{i:04d}.jpg").write_bytes(originals[i % 4])
-        (root / f"p{i:04d}.txt").write_text(f"product number {i}")
-    return root
 
 
 def _kill_loop(command: list[str], after_kill, full_run: float, seed: int) -> tuple[int, int]:
@@ -84,7 +71,7 @@ def _timed(command: list[str]) -> float:
 
 
 def test_extract_survives_sigkill_at_random_moments(tmp_path: Path, reliability) -> None:
-    photos = _big_photos(tmp_path / "photos", 400)
+    photos = big_photos(tmp_path / "photos", 400)
     base = [*HSL, "extract", str(photos), "--backbone", "tiny", "--workers", "0", "--batch-size", "4", "--quiet",
             "--store"]
     reference, store = tmp_path / "reference.h5", tmp_path / "killed.h5"
@@ -237,7 +224,7 @@ def test_disk_full_gives_a_clear_error_and_keeps_the_store(tmp_path: Path, relia
 
 
 def test_reader_beside_a_writer_sees_a_consistent_snapshot(tmp_path: Path, reliability) -> None:
-    photos = _big_photos(tmp_path / "photos", 300)
+    photos = big_photos(tmp_path / "photos", 300)
     base = [*HSL, "extract", str(photos), "--backbone", "tiny", "--workers", "0", "--batch-size", "4", "--quiet",
             "--store"]
     subprocess.run(base + [str(tmp_path / "reference.h5")], check=True, capture_output=True)
