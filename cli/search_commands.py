@@ -10,7 +10,20 @@ import typer
 from rich.table import Table
 
 from .app import app
-from .options import BackendOption, DeviceOption, EfSearchOption, JsonOption, NprobeOption, QuietOption, StoreOption
+from .options import (
+    BackendOption,
+    DeviceOption,
+    EfSearchOption,
+    JsonOption,
+    NlistOption,
+    NprobeOption,
+    PcaDimOption,
+    PqMOption,
+    QuietOption,
+    RerankOption,
+    ShardsOption,
+    StoreOption,
+)
 from .render import err, handle_errors, out, print_json, progress_bar
 
 ModelOption = Annotated[Path | None, typer.Option("--model", "-m", help="Model folder (default: the shipped one).")]
@@ -40,6 +53,11 @@ def query(
     backend: BackendOption = "auto",
     nprobe: NprobeOption = 32,
     ef_search: EfSearchOption = 128,
+    nlist: NlistOption = 0,
+    pq_m: PqMOption = 64,
+    pca_dim: PcaDimOption = 256,
+    rerank: RerankOption = 400,
+    shards: ShardsOption = 1,
     device: DeviceOption = "cpu",
     quiet: QuietOption = False,
     json_output: JsonOption = False,
@@ -54,7 +72,7 @@ def query(
     filters = parse_where(where or [])
     with progress_bar("indexing", quiet, unit="products") as progress:
         searcher = Searcher(store, model, device=device, progress=progress, backend=backend, nprobe=nprobe,
-                            ef_search=ef_search)
+                            ef_search=ef_search, ivfpq=_ivfpq(nlist, pq_m, pca_dim, rerank, shards))
     if model is None and not quiet:
         err.print(f"using the default model ({searcher.model_dir})", highlight=False)
     results = [searcher.search(t, top_k=top_k, where=filters) for t in texts]
@@ -74,6 +92,12 @@ def query(
         return
     for result in results:
         _print_table(result)
+
+
+def _ivfpq(nlist: int, m: int, dim: int, rerank: int, shards: int) -> object:
+    from hsl.ann import IVFPQOptions
+
+    return IVFPQOptions(nlist=nlist, m=m, dim=dim, rerank=rerank, shards=shards)  # checked against the index
 
 
 def _print_table(result: object) -> None:
@@ -96,6 +120,10 @@ def index(
     store: StoreOption = Path("catalog.h5"),
     model: ModelOption = None,
     backend: BackendOption = "auto",
+    nlist: NlistOption = 0,
+    pq_m: PqMOption = 64,
+    pca_dim: PcaDimOption = 256,
+    shards: ShardsOption = 1,
     device: DeviceOption = "cpu",
     quiet: QuietOption = False,
     json_output: JsonOption = False,
@@ -104,7 +132,8 @@ def index(
     from hsl.search import Searcher
 
     with progress_bar("indexing", quiet, unit="products") as progress:
-        searcher = Searcher(store, model, device=device, progress=progress, backend=backend)
+        searcher = Searcher(store, model, device=device, progress=progress, backend=backend,
+                            ivfpq=_ivfpq(nlist, pq_m, pca_dim, 400, shards))
     payload = {"store": str(store), "model": str(searcher.model_dir), "products": len(searcher.rows),
                "backend": searcher.index.backend, "exact_inner_product": searcher.model.exact_by_inner_product}
     if json_output:

@@ -11,20 +11,25 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
+from .ann import IVFPQOptions, ShardedIVFPQ, build
 from .dataset import load_products
 from .errors import HSLUsageError
 from .store import DONE, FeatureStore, ensure_space
 
 INDEX_VERSION = 1
 _BLOCK = 512
-BACKENDS = ("auto", "exact", "flat", "ivf", "hnsw")
+BACKENDS = ("auto", "exact", "flat", "ivf", "hnsw", "ivfpq")
 EXACT_LIMIT_BYTES = 1 << 30  # "auto": exact in-RAM matrix product while the float32 vectors fit in 1 GB
+# "auto": ivfpq (64 B of code per product) once ivf's 8-bit codes (1 B per dimension) would pass 4 GB,
+# about 4M products of the default 1,024 dimensions (docs/scaling.md).
+IVFPQ_FROM_BYTES = 4 << 30
 RERANK_POOL = 200  # approximate backends: candidates re-scored exactly from the float32 vectors
 
 
@@ -86,9 +91,11 @@ def build_index(store_path: str | os.PathLike, model: torch.nn.Module, model_key
 
 class VectorSearch:
     """Maximum inner product over the index vectors: exact (numpy or faiss flat) or approximate
-    (faiss IVF or HNSW with 8-bit scalar-quantised codes), whose candidates are re-scored exactly."""
+    (faiss IVF or HNSW with 8-bit scalar-quantised codes, or sharded IVF-PQ, hsl/ann.py), whose
+    candidates are re-scored exactly from the float32 vectors on disk."""
 
-    def __init__(self, path: Path, backend: str = "auto", nprobe: int = 32, ef_search: int = 128) -> None:
+    def __init__(self, path: Path, backend: str = "auto", nprobe: int = 32, ef_search: int = 128,
+                 ivfpq: IVFPQOptions | None = None) -> None:
         if backend not in BACKENDS:
             raise HSLUsageError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         self.path = path
@@ -97,12 +104,14 @@ class VectorSearch:
         self.rows = self._h5["rows"][:]
         n, dims = self._vectors.shape
         if backend == "auto":
-            backend = "exact" if n * dims * 4 <= EXACT_LIMIT_BYTES else "ivf"
+            backend = ("exact" if n * dims * 4 <= EXACT_LIMIT_BYTES
+                       else "ivf" if n * dims <= IVFPQ_FROM_BYTES else "ivfpq")
         self.backend = backend
+        self.ann = self._ivfpq(replace(ivfpq or IVFPQOptions(), nprobe=nprobe)) if backend == "ivfpq" else None
         # torch, not numpy, for the product: mixing OpenBLAS's and torch's thread pools in one query
         # makes them spin against each other (measured: p50 16 ms instead of 8 ms at 10k products).
         self.matrix = torch.from_numpy(self._vectors[:]) if backend == "exact" else None  # [N,D] float32
-        self.faiss_index = None if backend == "exact" else self._faiss_index(backend, nprobe, ef_search)
+        self.faiss_index = None if backend in ("exact", "ivfpq") else self._faiss_index(backend, nprobe, ef_search)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -110,6 +119,13 @@ class VectorSearch:
     @property
     def exact(self) -> bool:
         return self.backend in ("exact", "flat")
+
+    def _ivfpq(self, opts: IVFPQOptions) -> ShardedIVFPQ:
+        opts = opts.resolved(*self._vectors.shape)
+        files = [self.path.with_name(f"{self.path.stem}.{opts.tag()}.{i}.faiss") for i in range(opts.shards)]
+        if not all(file.is_file() for file in files):
+            build(self._vectors, opts, files)
+        return ShardedIVFPQ(self._vectors, files, opts.nprobe, opts.rerank)
 
     def _faiss_index(self, backend: str, nprobe: int, ef_search: int) -> object:
         import faiss
@@ -133,6 +149,8 @@ class VectorSearch:
         k = min(k, len(self.rows) if allowed is None else int(allowed.sum()))
         if k <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        if self.ann is not None:
+            return self.ann.search(query, k, allowed)
         if self.matrix is not None:
             scores = (self.matrix @ torch.from_numpy(query)).numpy()  # [N]
             if allowed is not None:
@@ -168,6 +186,8 @@ class VectorSearch:
         return out
 
     def close(self) -> None:
+        if self.ann is not None:
+            self.ann.close()
         self._h5.close()
 
 

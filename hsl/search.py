@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .ann import IVFPQOptions
 from .dataset import check_backbone, load_products
 from .errors import HSLError, HSLUsageError, StoreMismatchError
 from .index import VectorSearch, build_index, index_path, is_current, store_fingerprint
@@ -68,7 +69,8 @@ class Searcher:
 
     def __init__(self, store_path: str | os.PathLike, model_dir: str | os.PathLike | None = None,
                  device: str = "cpu", progress: Callable[[int, int], None] | None = None,
-                 backend: str = "auto", nprobe: int = 32, ef_search: int = 128) -> None:
+                 backend: str = "auto", nprobe: int = 32, ef_search: int = 128,
+                 ivfpq: IVFPQOptions | None = None) -> None:
         from .factory import load_model, model_hash
 
         self.store_path = Path(store_path)
@@ -87,7 +89,7 @@ class Searcher:
         path = index_path(self.store_path, self.model_key)
         if not is_current(path, fingerprint):
             build_index(self.store_path, self.model, self.model_key, progress)
-        self.index = VectorSearch(path, backend, nprobe, ef_search)
+        self.index = VectorSearch(path, backend, nprobe, ef_search, ivfpq)
         self.rows = self.index.rows  # [N] store row of each index vector
         self._text_encoder = None
         self._attributes: dict[str, np.ndarray] | None = None
