@@ -57,7 +57,8 @@ def table(results: dict[str, list[dict]]) -> str:
             mean = statistics.mean(values) * scale
             spread = (statistics.stdev(values) * scale) if len(values) > 1 else 0.0
             cells.append(f"{mean:.0f} ± {spread:.0f}" if column == "train_s" else f"{mean:.1f} ± {spread:.1f}")
-        lines.append(f"| {name} ({len(runs)} seeds) | " + " | ".join(cells) + " |")
+        seeds = f"{len(runs)} seed" + ("s" if len(runs) > 1 else "")
+        lines.append(f"| {name} ({seeds}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
