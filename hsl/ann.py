@@ -83,6 +83,16 @@ def _matvec(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
     return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
 
 
+def read_rows(vectors: Any, positions: np.ndarray) -> np.ndarray:
+    """float32 rows `positions` of on-disk vectors (h5py dataset or memmap), read in ascending order
+    (h5py requires it; disks prefer it) and returned in the order asked."""
+    order = np.argsort(positions)
+    out = np.empty((len(positions), vectors.shape[1]), np.float32)
+    if len(positions):
+        out[order] = vectors[positions[order]]
+    return out
+
+
 def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
     """Contiguous [start, stop) ranges of about equal size."""
     edges = [n * i // shards for i in range(shards + 1)]
@@ -208,17 +218,10 @@ class ShardedIVFPQ:
         params = faiss.SearchParametersIVF(nprobe=min(self.nprobe, ivf.nlist), sel=selector)
         _, found = ivf.search(q[None], max(k, self.rerank), params=params)
         found = found[0][found[0] >= 0]
-        exact = _matvec(self._read(found), query)  # float vectors from disk: exact scores again
+        exact = _matvec(read_rows(self.vectors, found), query)  # float vectors from disk: exact scores again
         order = np.lexsort((found, -exact))[:k]
         return found[order], exact[order]
 
-    def _read(self, positions: np.ndarray) -> np.ndarray:
-        """Rows of the float vectors, read in ascending order (h5py requires it; disks prefer it)."""
-        order = np.argsort(positions)
-        out = np.empty((len(positions), self.vectors.shape[1]), np.float32)
-        if len(positions):
-            out[order] = self.vectors[positions[order]]
-        return out
 
     def close(self) -> None:
         if self._pool:

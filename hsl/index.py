@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import torch
 
-from .ann import IVFPQOptions, ShardedIVFPQ, build
+from .ann import IVFPQOptions, ShardedIVFPQ, build, read_rows
 from .dataset import load_products
 from .errors import HSLUsageError
 from .store import DONE, FeatureStore, ensure_space
@@ -174,16 +174,10 @@ class VectorSearch:
         _, found = self.faiss_index.search(query[None].astype(np.float32), pool, params=params)
         found = found[0][found[0] >= 0]
         if self.exact:
-            return found, (self._read(found) @ query)
-        exact = self._read(found) @ query  # float32 vectors from disk: the scores are exact again
+            return found, (read_rows(self._vectors, found) @ query)
+        exact = read_rows(self._vectors, found) @ query  # float32 vectors from disk: the scores are exact again
         order = np.lexsort((found, -exact))[:k]
         return found[order], exact[order]
-
-    def _read(self, positions: np.ndarray) -> np.ndarray:
-        order = np.argsort(positions)
-        out = np.empty((len(positions), self._vectors.shape[1]), np.float32)
-        out[order] = self._vectors[np.sort(positions)] if len(positions) else out[order]
-        return out
 
     def close(self) -> None:
         if self.ann is not None:
