@@ -168,8 +168,9 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
         _atomic_json(out / "metrics.json", record)
         # The checkpoint goes last: a kill before this line redoes the epoch, with the same result.
         tensors = {"model": model.state_dict(), "optimizer": _optimizer_tensors(optimizer)}
-        if heads_state(losses):
-            tensors["objectives"] = heads_state(losses)
+        heads = heads_state(losses)
+        if heads:
+            tensors["objectives"] = heads
         ckpt.save(epoch + 1, tensors,
                   {"epoch": epoch + 1, "scheduler": scheduler.state_dict(), "record": record, "args": args})
         if on_epoch:
