@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,6 +214,14 @@ def test_shipped_configs_load_and_build():
     assert (paper.levels, paper.image_layers, paper.text_layers, paper.heads, paper.d_model, paper.joint_dim) == (
         2, 3, 2, 4, 512, 1024)
     assert isinstance(create_model("hsl-tiny", IMAGE_DIM, TEXT_DIM), HSLModel)
+
+
+def test_benchmark_configs_load():
+    """The diagnostic configs that docs/results.md reports (bench/configs) stay loadable as the schema moves."""
+    paths = sorted((Path(__file__).resolve().parents[1] / "bench" / "configs").glob("*.json"))
+    assert paths
+    for path in paths:
+        assert load_config(str(path)).name == path.stem
 
 
 def test_config_errors_name_key_and_file(tmp_path):
