@@ -93,6 +93,12 @@ def read_rows(vectors: Any, positions: np.ndarray) -> np.ndarray:
     return out
 
 
+def best_exact(found: np.ndarray, exact: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k candidates with the highest exact scores, ties broken by position (as the exact search does)."""
+    order = np.lexsort((found, -exact))[:k]
+    return found[order], exact[order]
+
+
 def shard_bounds(n: int, shards: int) -> list[tuple[int, int]]:
     """Contiguous [start, stop) ranges of about equal size."""
     edges = [n * i // shards for i in range(shards + 1)]
@@ -207,8 +213,7 @@ class ShardedIVFPQ:
         parts = list(self._pool.map(self._search_shard, work) if self._pool else map(self._search_shard, work))
         found = np.concatenate([p for p, _ in parts])
         scores = np.concatenate([s for _, s in parts])
-        order = np.lexsort((found, -scores))[:k]
-        return found[order], scores[order]
+        return best_exact(found, scores, k)
 
     def _search_shard(self, job: tuple) -> tuple[np.ndarray, np.ndarray]:
         import faiss
@@ -219,9 +224,7 @@ class ShardedIVFPQ:
         _, found = ivf.search(q[None], max(k, self.rerank), params=params)
         found = found[0][found[0] >= 0]
         exact = _matvec(read_rows(self.vectors, found), query)  # float vectors from disk: exact scores again
-        order = np.lexsort((found, -exact))[:k]
-        return found[order], exact[order]
-
+        return best_exact(found, exact, k)
 
     def close(self) -> None:
         if self._pool:

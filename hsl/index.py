@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import torch
 
-from .ann import IVFPQOptions, ShardedIVFPQ, build, read_rows
+from .ann import IVFPQOptions, ShardedIVFPQ, best_exact, build, read_rows
 from .dataset import load_products
 from .errors import HSLUsageError
 from .store import DONE, FeatureStore, ensure_space
@@ -173,11 +173,8 @@ class VectorSearch:
         pool = k if self.exact else max(k, RERANK_POOL)
         _, found = self.faiss_index.search(query[None].astype(np.float32), pool, params=params)
         found = found[0][found[0] >= 0]
-        if self.exact:
-            return found, (read_rows(self._vectors, found) @ query)
         exact = read_rows(self._vectors, found) @ query  # float32 vectors from disk: the scores are exact again
-        order = np.lexsort((found, -exact))[:k]
-        return found[order], exact[order]
+        return (found, exact) if self.exact else best_exact(found, exact, k)
 
     def close(self) -> None:
         if self.ann is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .ann import IVFPQOptions
+from .ann import IVFPQOptions, best_exact
 from .dataset import check_backbone, load_products
 from .errors import HSLError, HSLUsageError, StoreMismatchError
 from .index import VectorSearch, build_index, index_path, is_current, store_fingerprint
@@ -143,8 +143,7 @@ class Searcher:
         positions, scores = self.index.search(q, top_k if exact else max(top_k, RERANK_CANDIDATES), allowed)
         if not exact and len(positions):
             scores = self._exact_scores(text_enc, positions)
-            order = np.lexsort((positions, -scores))[:top_k]  # equal scores in store order
-            positions, scores = positions[order], scores[order]
+            positions, scores = best_exact(positions, scores, top_k)  # equal scores in store order
         return SearchResult(text, self._hits(positions, scores), warnings)
 
     def _exact_scores(self, text_enc: object, candidates: np.ndarray) -> np.ndarray:
