@@ -34,4 +34,4 @@ clean:
 	rm -rf $(VENV) *.egg-info demo.h5
 
 reliability: install  # regenerates docs/reliability.md from the suite's own record
-	$(BIN)/python -m pytest -q tests/test_reliability.py --reliability-report docs/reliability.md
+	$(BIN)/python -m pytest -q tests/test_reliability.py tests/test_kills.py --reliability-report docs/reliability.md

@@ -75,9 +75,23 @@ def read_source(path: str | os.PathLike, columns: Columns = Columns(), allow_out
     raise HSLUsageError(f"{path}: unknown source type; give a folder of photos, a .csv or a .jsonl manifest")
 
 
+def _photo_files(root: Path) -> list[Path]:
+    """Photos below `root`, sorted, following linked sub-folders (photos kept on another disk) once each:
+    pathlib's rglob would skip them without a word, and a link loop must not recurse forever."""
+    seen: set[str] = set()
+    found: list[Path] = []
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        found += [Path(folder) / n for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(p for p in found if p.is_file())
+
+
 def _folder_rows(root: Path) -> Iterator[tuple[str, SourceItem]]:
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    for image in files:
+    for image in _photo_files(root):
         rel = image.relative_to(root)
         title = image.with_suffix(".txt")
         text = title.read_text(encoding="utf-8", errors="replace") if title.is_file() else ""
@@ -145,9 +159,16 @@ def _check_header(path: Path, header: list[str]) -> None:
 
 
 def _image_path(path: Path, image: str, allow_outside: bool) -> tuple[str, str]:
-    """(absolute path, problem): a path that leaves the manifest's folder is a problem unless allowed."""
-    resolved = (path.parent / image).resolve() if image else path.parent.resolve()
-    if not allow_outside and not resolved.is_relative_to(path.parent.resolve()):
+    """(absolute path, problem): a path that leaves the manifest's folder is a problem unless allowed.
+
+    What this guards against is a manifest naming files elsewhere (`../../`, an absolute path), which
+    `hsl serve` would then hand out. The test is on the path as written, so links that the folder's
+    owner placed inside it (`images -> /data/photos`, photos kept on another disk) are followed.
+    """
+    folder = Path(os.path.abspath(path.parent))
+    written = Path(os.path.normpath(folder / image)) if image else folder
+    resolved = written.resolve()
+    if not allow_outside and not written.is_relative_to(folder):
         return str(resolved), f"{image!r} is outside {path.parent}; move it inside or give --allow-outside"
     return str(resolved), ""
 

@@ -11,8 +11,9 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,9 @@ from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from .distributed import Rank, from_env
 from .errors import HSLUsageError, StoreMismatchError
 from .images import DEFAULT_MAX_PIXELS, BadItem, load_image
+from .processes import die_with_parent
 from .store import DONE, FAILED, PENDING, FeatureStore, RowPlan
+from .store_lock import writing
 
 ProgressFn = Callable[[int, int], None]
 Fingerprint = Callable[[SourceItem], tuple[int, int] | None]  # (size, stamp) of an item; None: it is gone
@@ -109,7 +112,8 @@ def _collate(batch: list) -> list:
     return batch  # pixels are stacked in the main process, once bad items are set aside
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(parent_pid: int, _: int) -> None:
+    die_with_parent(parent_pid)  # a kill -9 of `hsl extract` must not leave decoders behind
     torch.set_num_threads(1)  # decoding is the worker's job; the cores belong to the forward pass
 
 
@@ -176,7 +180,8 @@ def extract(source: str | os.PathLike, store_path: str | os.PathLike, options: E
                                 "backbone for images); run hsl extract without torchrun")
         from .kdd_extract import extract_kdd
 
-        return extract_kdd(source, store_path, options, progress)
+        with writing(store_path, "hsl extract"):
+            return extract_kdd(source, store_path, options, progress)
     if options.batch_size < 1 or options.workers < 0:
         raise HSLUsageError("--batch-size must be at least 1 and --workers at least 0")
     if me.distributed:
@@ -185,12 +190,13 @@ def extract(source: str | os.PathLike, store_path: str | os.PathLike, options: E
         return extract_sharded(source, Path(store_path), options, me, progress)
     started = time.perf_counter()
     store_path = Path(store_path)
-    store = FeatureStore.open(store_path) if store_path.exists() else None
-    if store is not None:
-        _check_backbone(store, options)  # before any work: no model loaded, nothing written
-    listing = read_source(source, options.columns, allow_outside=options.allow_outside)
-    items = listing.items[: options.limit] if options.limit is not None else listing.items
-    report = extract_items(items, store_path, store, options, listing.attribute_columns, progress)
+    with writing(store_path, "hsl extract"):  # a second writer is refused here, before it reads anything
+        store = FeatureStore.open(store_path) if store_path.exists() else None
+        if store is not None:
+            _check_backbone(store, options)  # before any work: no model loaded, nothing written
+        listing = read_source(source, options.columns, allow_outside=options.allow_outside)
+        items = listing.items[: options.limit] if options.limit is not None else listing.items
+        report = extract_items(items, store_path, store, options, listing.attribute_columns, progress)
     report.skipped[:0] = listing.rejected
     report.seconds = time.perf_counter() - started
     return report
@@ -217,10 +223,13 @@ def extract_items(items: Sequence[SourceItem], store_path: Path, store: FeatureS
     else:
         meta = {k: v for k, v in known.items() if k not in ("schema_version", "attribute_columns")}
     rows, todo, missing = sync_store(store_path, store, meta, items, attribute_columns)
-    with FeatureStore.open(store_path, writable=True) as writable:
-        if todo and backbone is None:  # a no-op re-run never loads the model
-            backbone = create_backbone(spec, grid=grid, max_text_tokens=tokens).to(device)
-        failed = _run_batches(backbone, writable, rows, todo, options, progress) if todo else []
+    failed: list[Rejected] = []
+    if todo:  # a no-op re-run never loads the model
+        backbone = backbone or create_backbone(spec, grid=grid, max_text_tokens=tokens).to(device)
+        batches = _decoded_batches(backbone, rows, todo, options)
+        # The decoding workers are forked by now: the store opens after them, so none inherits its handle.
+        with FeatureStore.open(store_path, writable=True) as writable:
+            failed = _write_batches(batches, backbone, writable, rows, len(todo), progress)
     return ExtractReport(store=str(store_path), source_items=len(items),
                          already_done=len(items) - len(missing) - len(todo), extracted=len(todo) - len(failed),
                          skipped=missing + failed, seconds=time.perf_counter() - started)
@@ -262,18 +271,24 @@ def commit_batch(store: FeatureStore, rows: np.ndarray, features: dict[str, np.n
     store.set_column("status", rows, DONE)
 
 
-def _run_batches(backbone: Backbone, store: FeatureStore, rows: list[RowPlan], todo: list[int],
-                 options: ExtractOptions, progress: ProgressFn | None) -> list[Rejected]:
+def _decoded_batches(backbone: Backbone, rows: list[RowPlan], todo: list[int],
+                     options: ExtractOptions) -> Iterator[list]:
+    """Batches of decoded photos; with workers, they are started (forked) before this returns."""
     dataset = _PhotoDataset(todo, [rows[i].image for i in todo], backbone.image_size, options.max_pixels)
     loader = DataLoader(dataset, batch_size=options.batch_size, num_workers=options.workers,
-                        collate_fn=_collate, worker_init_fn=_worker_init if options.workers else None,
-                        prefetch_factor=4 if options.workers else None,
+                        collate_fn=_collate, worker_init_fn=partial(_worker_init, os.getpid()) if options.workers
+                        else None, prefetch_factor=4 if options.workers else None,
                         pin_memory=backbone.device.type == "cuda")
+    return iter(loader)
+
+
+def _write_batches(batches: Iterator[list], backbone: Backbone, store: FeatureStore, rows: list[RowPlan],
+                   total: int, progress: ProgressFn | None) -> list[Rejected]:
     skipped: list[Rejected] = []
     done = 0
     if progress:
-        progress(0, len(todo))
-    for batch in loader:
+        progress(0, total)
+    for batch in batches:
         good = [(row, pixels) for row, pixels, _, _ in batch if pixels is not None]
         bad = [(row, reason, detail) for row, pixels, reason, detail in batch if pixels is None]
         if good:
@@ -287,7 +302,7 @@ def _run_batches(backbone: Backbone, store: FeatureStore, rows: list[RowPlan], t
         store.flush()
         done += len(batch)
         if progress:
-            progress(done, len(todo))
+            progress(done, total)
     return skipped
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from .errors import HSLUsageError, StoreMismatchError
 from .store import DONE, FeatureStore, RowCopy, RowPlan
+from .store_lock import writing
 
 # May differ between stores that merge: the columns are joined, the version is only a note.
 _FREE_META = ("attribute_columns", "hsl_version")
@@ -53,6 +54,7 @@ def merge(shards: Sequence[str | os.PathLike], store_path: str | os.PathLike,
     store_path, paths = Path(store_path), [Path(s) for s in shards]
     _check_paths(paths, store_path)
     with ExitStack() as stack:
+        stack.enter_context(writing(store_path, "hsl merge"))
         opened = [stack.enter_context(FeatureStore.open(path)) for path in paths]
         base = stack.enter_context(FeatureStore.open(store_path)) if store_path.exists() else None
         reference = base or opened[0]

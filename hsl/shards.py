@@ -14,6 +14,7 @@ source order a single process would write, and delete the shards.
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -27,6 +28,7 @@ from .errors import HSLError, StoreMismatchError
 from .extract import ExtractOptions, ExtractReport, ProgressFn, _check_backbone, _plan, extract_items, resolve_device
 from .merge import merge, meta_difference
 from .store import DONE, FeatureStore
+from .store_lock import writing
 
 # Ranks reach the final collective hours apart when shares differ in cost; a dead rank is torchrun's
 # to notice (it stops the others), so this timeout only has to outlast the slowest honest share.
@@ -64,10 +66,17 @@ def extract_sharded(source: str | Path, store_path: Path, options: ExtractOption
         device = torch.device("cuda", me.local_rank % torch.cuda.device_count())
     options = replace(options, device=str(device))
     init(timeout=TIMEOUT)  # gloo: the collectives carry a few Python objects, never tensors
+    with ExitStack() as held:
+        return _extract_job(source, store_path, options, me, progress, held, started)
+
+
+def _extract_job(source: str | Path, store_path: Path, options: ExtractOptions, me: Rank,
+                 progress: ProgressFn | None, held: ExitStack, started: float) -> ExtractReport:
     planning_error: Exception | None = None
     jobs: list = []
     if me.is_main:
-        try:
+        try:  # rank 0 holds the target store's writer lock from the plan to the merge
+            held.enter_context(writing(store_path, "hsl extract (torchrun)"))
             jobs = _plan_jobs(source, store_path, options, me.world)
         except Exception as exc:  # the others must still hear from rank 0, or they would wait forever
             planning_error, jobs = exc, [_in_words(exc)] * me.world
@@ -143,8 +152,10 @@ def _run_share(job: _Job, store_path: Path, options: ExtractOptions, me: Rank,
                 shard.close()
                 key, mine, theirs = differ
                 raise StoreMismatchError(f"{path} has {key} {mine!r} where this job has {theirs!r}: a shard left "
-                                         "by a run with other options; delete it and run again")
-        report = extract_items(job.items, path, shard, options, job.attribute_columns, progress, job.template)
+                                         "by a killed run with other options; finish that run with its own "
+                                         f"options, or move {path.parent} aside to start this one")
+        with writing(path, "hsl extract (torchrun)"):
+            report = extract_items(job.items, path, shard, options, job.attribute_columns, progress, job.template)
     except Exception as exc:  # reported to every rank first: a lone raise would leave the others waiting
         return _in_words(exc), exc
     report.skipped[:0] = job.skipped

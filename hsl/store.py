@@ -11,6 +11,7 @@ unfinished rows are still PENDING.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import HSLError
+from .errors import HSLError, StoreInUseError
 
 SCHEMA_VERSION = 1
 PENDING, DONE, FAILED = 0, 1, 2
@@ -94,11 +95,12 @@ class FeatureStore:
         if not path.is_file():
             raise HSLError(f"{path}: no such store; create it with `hsl extract SOURCE --store {path}`")
         try:
-            # Readers skip HDF5's file lock: a query may read while `hsl extract` writes in place, and
-            # what it reads is consistent by construction (a row counts once its status says DONE).
-            handle = h5py.File(path, "r+") if writable else h5py.File(path, "r", locking=False)
+            # No HDF5 file lock: a query may read while `hsl extract` writes in place, and what it reads is
+            # consistent by construction (a row counts once its status says DONE); writers exclude each
+            # other with STORE.lock (hsl/store_lock.py), which a killed writer cannot leave behind.
+            handle = h5py.File(path, "r+" if writable else "r", locking=False)
         except OSError as exc:
-            raise HSLError(f"{path}: not a readable HDF5 store ({exc}); re-create it with hsl extract") from exc
+            raise _open_error(path, exc) from None
         return cls(path, handle)
 
     @staticmethod
@@ -321,24 +323,44 @@ _REQUIRED = ("ids", "images", "texts", "status", "image_global", "regions", "reg
              "text_lengths", "text_sentence", "file_size", "file_mtime_ns")
 
 
+def _open_error(path: Path, exc: OSError) -> HSLError:
+    """What an OSError from h5py means for the user: only a file that is really broken is called damaged."""
+    text = str(exc)
+    if exc.errno == errno.EACCES or "Permission denied" in text:
+        return HSLError(f"{path}: permission denied; give this user read (and, to extract, write) access to it")
+    if exc.errno == errno.EAGAIN or "unable to lock file" in text:  # an HDF5 lock taken by a program outside hsl
+        return StoreInUseError(path, None)
+    if "file signature not found" in text:
+        return HSLError(f"{path}: not an HDF5 file (no HDF5 signature), so not an hsl store, or one damaged "
+                        "from its first bytes; give another --store")
+    return _damaged(path, _short(exc))
+
+
+def _damaged(path: Path, why: str) -> HSLError:
+    aside = path.with_name(path.name + ".damaged")
+    return HSLError(f"{path}: the store is damaged ({why}); move it aside (e.g. to {aside}) and run hsl extract "
+                    "again to rebuild it from the photos")
+
+
 def _read_meta(path: Path, handle: h5py.File) -> dict:
     try:
         attrs = dict(handle.attrs)
         present = [name for name in _REQUIRED if name in handle and handle[name].shape is not None]
     except (KeyError, OSError, ValueError, RuntimeError) as exc:  # h5py's words for a damaged file
         handle.close()
-        raise HSLError(f"{path}: the store is damaged ({_short(exc)}); re-create it with hsl extract") from None
+        raise _damaged(path, _short(exc)) from None
     version = attrs.get("schema_version")
     if version is None or "ids" not in present:
         handle.close()
         raise HSLError(f"{path}: an HDF5 file but not an hsl store (no schema_version); give another --store")
     if int(version) != SCHEMA_VERSION:
         handle.close()
-        raise HSLError(f"{path}: store schema {version}, this hsl reads {SCHEMA_VERSION}; re-extract it")
+        raise HSLError(f"{path}: written by another version of hsl (store schema {version}; this hsl reads "
+                       f"{SCHEMA_VERSION}); use the hsl version that wrote it, or extract into a new --store")
     if len(present) != len(_REQUIRED):
         handle.close()
         missing = sorted(set(_REQUIRED) - set(present))
-        raise HSLError(f"{path}: the store is damaged (no {', '.join(missing)}); re-create it with hsl extract")
+        raise _damaged(path, f"no {', '.join(missing)}")
     meta = {}
     for key, value in attrs.items():
         if isinstance(value, bytes):

@@ -71,6 +71,57 @@ def write_manifest(root: Path, n: int, extra_rows: list[dict] | None = None) -> 
     return root / "products.csv"
 
 
+def store_features(path: Path) -> dict[str, np.ndarray]:
+    """The finished rows' features and ids of a store."""
+    from hsl.store import DONE, FeatureStore
+
+    with FeatureStore.open(path) as store:
+        rows = np.flatnonzero(store.column("status") == DONE)
+        out = store.read_features(rows)
+        out["ids"] = np.array(store.strings("ids"))[rows]
+    return out
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    """Same finished ids in the same order, features within float16 noise."""
+    got, want = store_features(a), store_features(b)
+    np.testing.assert_array_equal(got["ids"], want["ids"])
+    for name in ("image_global", "regions", "text_tokens", "text_sentence"):
+        np.testing.assert_allclose(got[name], want[name], atol=2e-3)
+
+
+def synthetic_store(path: Path, n: int, seed: int = 0, prefix: str = "s") -> None:
+    """A store of n products with random tiny-backbone features, without any photos."""
+    from hsl.backbones import create_backbone
+    from hsl.store import DONE, FeatureStore, RowPlan
+
+    meta = {**create_backbone("tiny").describe(), "hsl_version": "test"}
+    rows = [RowPlan(f"{prefix}{i}", f"/nowhere/{prefix}{i}.jpg", f"synthetic product {i}", {"kind": f"k{i % 7}"},
+                    1, 1) for i in range(n)]
+    FeatureStore.build(path, meta, rows, ["kind"])
+    rng = np.random.default_rng(seed)
+    with FeatureStore.open(path, writable=True) as store:
+        index = np.arange(n)
+        store.write_features(index, {
+            "image_global": rng.standard_normal((n, 32)).astype(np.float16),
+            "regions": rng.standard_normal((n, 16, 32)).astype(np.float16),
+            "region_mask": np.ones((n, 16), np.uint8),
+            "text_tokens": rng.standard_normal((n, 16, 24)).astype(np.float16),
+            "text_lengths": np.full(n, 3, np.int32), "text_sentence": np.zeros((n, 24), np.float16)})
+        store.set_column("status", index, DONE)
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """160 synthetic products extracted with the tiny backbone, shared by a module's tests."""
+    from hsl.extract import ExtractOptions, extract
+
+    root = tmp_path_factory.mktemp("shop")
+    store = root / "tiny.h5"
+    extract(write_manifest(root, 160), store, ExtractOptions(backbone="tiny", workers=0, batch_size=32))
+    return store
+
+
 @pytest.fixture
 def photo_folder(tmp_path: Path) -> Path:
     return write_folder(tmp_path / "photos", 12)
@@ -83,7 +134,7 @@ def fashion() -> Path:
     return FASHION
 
 
-# -- the reliability report: tests/test_reliability.py records each case it tried -----------------
+# -- the reliability report: tests/test_reliability.py and test_kills.py record each case they tried --
 _RELIABILITY: list[dict] = []
 
 
@@ -122,7 +173,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     lines = ["# Reliability: what hsl survives", "",
              "Produced by the test suite, not written by hand. Reproduce with:", "",
-             "```", f"python -m pytest tests/test_reliability.py --reliability-report {path}", "```", "",
+             "```", f"python -m pytest tests/test_reliability.py tests/test_kills.py --reliability-report {path}",
+             "```", "",
              "Every case passed in the run that wrote this file; a failing case would appear as FAILED.", "",
              "| area | case | times | outcome | test |", "|---|---|---|---|---|"]
     for row in _RELIABILITY:

@@ -16,17 +16,9 @@ from hsl.extract import ExtractOptions, extract
 from hsl.store import DONE, FAILED, FeatureStore
 from hsl_data.sources import Columns
 
-from .conftest import write_folder, write_manifest
+from .conftest import store_features, write_folder, write_manifest
 
 TINY = dict(backbone="tiny", workers=0, batch_size=4)
-
-
-def _features(path: Path) -> dict[str, np.ndarray]:
-    with FeatureStore.open(path) as store:
-        rows = np.flatnonzero(store.column("status") == DONE)
-        out = store.read_features(rows)
-        out["ids"] = np.array(store.strings("ids"))[rows]
-    return out
 
 
 def test_folder_store_layout_readable_with_plain_h5py(photo_folder: Path, tmp_path: Path) -> None:
@@ -50,7 +42,7 @@ def test_folder_store_layout_readable_with_plain_h5py(photo_folder: Path, tmp_pa
 def test_rerun_extracts_nothing_twice_and_adds_new_and_changed(photo_folder: Path, tmp_path: Path) -> None:
     store = tmp_path / "s.h5"
     extract(photo_folder, store, ExtractOptions(**TINY))
-    before = _features(store)
+    before = store_features(store)
     again = extract(photo_folder, store, ExtractOptions(**TINY))
     assert (again.extracted, again.already_done) == (0, 12)
     write_folder(tmp_path / "more", 14)  # two new photos beside copies of the old ones
@@ -64,7 +56,7 @@ def test_rerun_extracts_nothing_twice_and_adds_new_and_changed(photo_folder: Pat
     os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
     third = extract(photo_folder, store, ExtractOptions(**TINY))
     assert third.extracted == 2 and third.already_done == 11  # item0013 sits in group1: not moved
-    after = _features(store)
+    after = store_features(store)
     row = list(after["ids"]).index("group1/item0001")
     assert not np.allclose(after["image_global"][row], before["image_global"][row])
     np.testing.assert_array_equal(after["image_global"][:1], before["image_global"][:1])
@@ -134,7 +126,7 @@ def test_other_backbone_refused_before_any_work(photo_folder: Path, tmp_path: Pa
 def test_worker_processes_give_the_same_features(photo_folder: Path, tmp_path: Path) -> None:
     extract(photo_folder, tmp_path / "a.h5", ExtractOptions(**TINY))
     extract(photo_folder, tmp_path / "b.h5", ExtractOptions(backbone="tiny", workers=2, batch_size=5))
-    a, b = _features(tmp_path / "a.h5"), _features(tmp_path / "b.h5")
+    a, b = store_features(tmp_path / "a.h5"), store_features(tmp_path / "b.h5")
     np.testing.assert_array_equal(a["ids"], b["ids"])
     np.testing.assert_allclose(a["regions"], b["regions"], atol=2e-3)
 

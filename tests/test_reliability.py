@@ -4,7 +4,6 @@ tampered files. Each case is recorded for docs/reliability.md (see conftest.py).
 from __future__ import annotations
 
 import json
-import random
 import signal
 import subprocess
 import sys
@@ -15,174 +14,16 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from hsl.checkpoint import Checkpoint
 from hsl.extract import ExtractOptions, extract
 from hsl.factory import create_model, save_model
 from hsl.search import Searcher
-from hsl.store import DONE, FeatureStore
 
-from .conftest import big_photos, synthetic_photo, write_manifest
+from .conftest import big_photos, store_features, synthetic_photo, write_manifest
 
 FAULTS = "faults"
 HSL = [sys.executable, "-m", "hsl_cli.main"]
 KILLS = 20
-
-
-def _features(path: Path) -> dict[str, np.ndarray]:
-    with FeatureStore.open(path) as store:
-        rows = np.flatnonzero(store.column("status") == DONE)
-        out = store.read_features(rows)
-        out["ids"] = np.array(store.strings("ids"))[rows]
-    return out
-
-
-def _same_store(a: Path, b: Path) -> None:
-    got, want = _features(a), _features(b)
-    np.testing.assert_array_equal(got["ids"], want["ids"])
-    for name in ("image_global", "regions", "text_tokens", "text_sentence"):
-        np.testing.assert_allclose(got[name], want[name], atol=2e-3)
-
-
-
-def _kill_loop(command: list[str], after_kill, full_run: float, seed: int) -> tuple[int, int]:
-    """Start `command`, SIGKILL it at a random moment, check with after_kill(); KILLS times.
-    Returns (kills, runs that finished before their kill)."""
-    rng = random.Random(seed)
-    kills = finished = 0
-    while kills < KILLS:
-        proc = subprocess.Popen(command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.2, full_run))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        else:
-            finished += 1
-        proc.wait()
-        after_kill(proc.returncode == 0)
-    return kills, finished
-
-
-def _timed(command: list[str]) -> float:
-    started = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True)
-    return time.perf_counter() - started
-
-
-def test_extract_survives_sigkill_at_random_moments(tmp_path: Path, reliability) -> None:
-    photos = big_photos(tmp_path / "photos", 400)
-    base = [*HSL, "extract", str(photos), "--backbone", "tiny", "--workers", "0", "--batch-size", "4", "--quiet",
-            "--store"]
-    reference, store = tmp_path / "reference.h5", tmp_path / "killed.h5"
-    full_run = _timed(base + [str(reference)])
-    states = {"mid-run": 0}
-
-    def check(completed: bool) -> None:
-        if not store.exists():
-            return
-        with FeatureStore.open(store) as opened:  # every kill leaves a store that opens
-            done = int((opened.column("status") == DONE).sum())
-        states["mid-run"] += 0 < done < 400
-        if done == 400:  # finished: compare, then start over for more kills
-            _same_store(store, reference)
-            store.unlink()
-
-    kills, _ = _kill_loop(lambda: base + [str(store)], check, full_run, seed=11)
-    subprocess.run(base + [str(store)], check=True, capture_output=True)
-    _same_store(store, reference)
-    assert states["mid-run"] >= 3, states
-    reliability(FAULTS, "SIGKILL during `hsl extract` (random moments, seeded)", kills,
-                f"store opened after every kill ({states['mid-run']} kills mid-extraction); the rerun equals "
-                "an uninterrupted run")
-
-
-@pytest.fixture(scope="module")
-def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("shop")
-    store = root / "tiny.h5"
-    extract(write_manifest(root, 160), store, ExtractOptions(backbone="tiny", workers=0, batch_size=32))
-    return store
-
-
-def test_train_survives_sigkill_and_resumes_to_the_same_weights(tiny_store: Path, tmp_path: Path,
-                                                                 reliability) -> None:
-    def command(out: Path, resume: bool) -> list[str]:
-        return [*HSL, "train", "--store", str(tiny_store), "--config", "hsl-tiny", "--epochs", "16", "--seed", "2",
-                "--quiet", "--out", str(out)] + (["--resume"] if resume else [])
-
-    reference, killed = tmp_path / "whole", tmp_path / "killed"
-    full_run = _timed(command(reference, False))
-    want = load_file(str(reference / "model.safetensors"))
-    checkpoint = Checkpoint(killed / "checkpoint")
-    completed = {"runs": 0}
-
-    def check(finished: bool) -> None:
-        if checkpoint.exists():
-            Checkpoint(killed / "checkpoint").load()  # the checkpoint reads after every kill
-        if finished:
-            got = load_file(str(killed / "model.safetensors"))
-            assert all(torch.equal(got[k], want[k]) for k in want)
-            completed["runs"] += 1
-            import shutil
-
-            shutil.rmtree(killed)
-
-    kills, _ = _kill_loop(lambda: command(killed, killed.exists()), check, full_run, seed=12)
-    subprocess.run(command(killed, killed.exists()), check=True, capture_output=True)
-    got = load_file(str(killed / "model.safetensors"))
-    assert all(torch.equal(got[k], want[k]) for k in want)
-    reliability(FAULTS, "SIGKILL during `hsl train`, then `--resume` (random moments, seeded)", kills,
-                f"checkpoint readable after every kill; {completed['runs'] + 1} resumed trainings ended with "
-                "weights bit-identical to an uninterrupted run")
-
-
-def _synthetic_store(path: Path, n: int, seed: int = 0) -> None:
-    """A store of n products with random tiny-backbone features, without any photos."""
-    from hsl.backbones import create_backbone
-    from hsl.store import RowPlan
-
-    meta = {**create_backbone("tiny").describe(), "hsl_version": "test"}
-    rows = [RowPlan(f"s{i}", f"/nowhere/s{i}.jpg", f"synthetic product {i}", {"kind": f"k{i % 7}"}, 1, 1)
-            for i in range(n)]
-    FeatureStore.build(path, meta, rows, ["kind"])
-    rng = np.random.default_rng(seed)
-    with FeatureStore.open(path, writable=True) as store:
-        index = np.arange(n)
-        store.write_features(index, {
-            "image_global": rng.standard_normal((n, 32)).astype(np.float16),
-            "regions": rng.standard_normal((n, 16, 32)).astype(np.float16),
-            "region_mask": np.ones((n, 16), np.uint8),
-            "text_tokens": rng.standard_normal((n, 16, 24)).astype(np.float16),
-            "text_lengths": np.full(n, 3, np.int32), "text_sentence": np.zeros((n, 24), np.float16)})
-        store.set_column("status", index, DONE)
-
-
-def test_index_survives_sigkill(tmp_path: Path, reliability) -> None:
-    store = tmp_path / "big.h5"
-    _synthetic_store(store, 3000)
-    torch.manual_seed(0)
-    model_dir = tmp_path / "model"
-    save_model(create_model("hsl-default", 32, 24), model_dir, {"backbone": "tiny"})
-    command = [*HSL, "index", "--store", str(store), "--model", str(model_dir), "--quiet"]
-    full_run = _timed(command)
-    want = [h.id for h in Searcher(store, model_dir).search("synthetic product 7", top_k=10).hits]
-    cache = store.with_name(store.name + ".index")
-
-    def check(finished: bool) -> None:
-        got = [h.id for h in Searcher(store, model_dir).search("synthetic product 7", top_k=10).hits]
-        assert got == want  # a query after the kill finds a whole index or rebuilds it
-        if finished:
-            import shutil
-
-            shutil.rmtree(cache)
-
-    import shutil
-
-    shutil.rmtree(cache)
-    kills, _ = _kill_loop(lambda: command, check, full_run, seed=13)
-    reliability(FAULTS, "SIGKILL during `hsl index` (random moments, seeded)", kills,
-                "the next query found a complete index or rebuilt it; results equal the uninterrupted index")
 
 
 def _other_weights(folder: Path, scratch: Path) -> None:
@@ -228,14 +69,14 @@ def test_reader_beside_a_writer_sees_a_consistent_snapshot(tmp_path: Path, relia
     base = [*HSL, "extract", str(photos), "--backbone", "tiny", "--workers", "0", "--batch-size", "4", "--quiet",
             "--store"]
     subprocess.run(base + [str(tmp_path / "reference.h5")], check=True, capture_output=True)
-    want = _features(tmp_path / "reference.h5")
+    want = store_features(tmp_path / "reference.h5")
     position = {pid: i for i, pid in enumerate(want["ids"])}
     store = tmp_path / "s.h5"
     proc = subprocess.Popen(base + [str(store)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     reads = partial = 0
     while proc.poll() is None:
         if store.exists():
-            got = _features(store)  # a reader while `hsl extract` writes the same file
+            got = store_features(store)  # a reader while `hsl extract` writes the same file
             for i, pid in enumerate(got["ids"]):
                 np.testing.assert_allclose(got["regions"][i], want["regions"][position[pid]], atol=2e-3)
             reads += 1
