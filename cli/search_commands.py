@@ -79,9 +79,9 @@ def query(
     with progress_bar("indexing", quiet, unit="products") as progress:
         searcher = Searcher(store, model, device=device, progress=progress, backend=backend, nprobe=nprobe,
                             ef_search=ef_search, ivfpq=_ivfpq(nlist, pq_m, pca_dim, rerank, shards))
-    if model is None and not quiet:
-        err.print(f"using the default model ({display_path(searcher.model_dir)})", highlight=False)
     results = [searcher.search(t, top_k=top_k, where=filters) for t in texts]
+    if model is None and not quiet:  # after the search: a bad --where is then the only line on stderr
+        err.print(f"using the default model ({display_path(searcher.model_dir)})", highlight=False)
     for result in results:
         for warning in result.warnings:
             err.print(f"[yellow]warning:[/yellow] {warning}")

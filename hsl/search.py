@@ -80,10 +80,18 @@ class AttributeFilter:
                 self._folded[column] = np.array([v.casefold() for v in self.values[column]], dtype=object)
             match = self._folded[column] == value.casefold()
             if not match.any():
-                raise HSLUsageError(f"{label}{column}={value}: no product has it; {column} has "
-                                    f"{self.listing(column)}")
+                raise HSLUsageError(f"{label}{column}={value}: no product has it{self._suggest(column, value)}; "
+                                    f"{column} has {self.listing(column)}")
             keep &= match
         return keep
+
+    def _suggest(self, column: str, value: str) -> str:
+        """ " (did you mean Women?)" for a near miss such as "Woman", else nothing."""
+        import difflib
+
+        names = {v.casefold(): v for v in self.values[column].tolist() if v}
+        close = difflib.get_close_matches(value.casefold(), list(names), n=1)
+        return f" (did you mean {names[close[0]]}?)" if close else ""
 
     def listing(self, column: str) -> str:
         """The column's values, most frequent first: "Men, Women, Boys, Girls, Unisex"."""

@@ -129,6 +129,7 @@ def test_where_ignores_case_and_names_the_values_that_exist(shop: dict[str, Path
     counts = [colours.count(value) for value in listed]
     assert counts == sorted(counts, reverse=True)  # most frequent first
     assert "no such attribute column" in _one_line_error([*base, "--where", "size=L"])
+    assert "no product has it (did you mean red?)" in _one_line_error([*base, "--where", "colour=redd"])
 
 
 def test_a_table_ends_with_the_html_hint(shop: dict[str, Path], tmp_path: Path) -> None:
