@@ -152,7 +152,7 @@ def create_app(catalog: Catalog) -> FastAPI:
                 for c, values in catalog.filters.items()]
 
     @app.get("/search", response_model=ResultsOut, responses=ERRORS)
-    def search(q: Annotated[str, Query(max_length=10_000, description="What the shopper types.")] = "",
+    def search(q: Annotated[str, Query(max_length=10_000, description="What the shopper types (empty: 400).")],
                k: TopK = 10, where: Where = None) -> ResultsOut:
         """Rank the catalog's products for the words `q` with the HSL model (score: the HSL similarity)."""
         return _results(catalog.search(q, top_k=k, where=_where(where)))
