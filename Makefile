@@ -2,8 +2,18 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PHOTOS ?= ../shared/data/fashion/images
-STORE ?= demo.h5
+# The demo runs the README's main job on the shared catalog's manifest (titles + attributes), so every
+# later README command (train, eval, --where, --html, serve) works on its store, fashion.h5.
+# PHOTOS=DIR (or a manifest) gets a store of its own named after it: PHOTOS=~/shop/pics -> demo-pics.h5.
+FASHION := ../shared/data/fashion/products.csv
+PHOTOS ?= $(FASHION)
+ifeq ($(PHOTOS),$(FASHION))
+STORE ?= fashion.h5
+EXTRACT_ARGS ?= --text-column productDisplayName --image-template 'images/{id}.jpg'
+else
+STORE ?= demo-$(basename $(notdir $(patsubst %/,%,$(PHOTOS)))).h5
+EXTRACT_ARGS ?=
+endif
 PYTEST_ARGS ?=
 QUERY ?= red floral summer dress
 
@@ -18,7 +28,7 @@ $(BIN)/hsl: pyproject.toml
 install: $(BIN)/hsl
 
 demo: install
-	$(BIN)/hsl extract $(PHOTOS) --store $(STORE)
+	$(BIN)/hsl extract $(PHOTOS) --store $(STORE) $(EXTRACT_ARGS)
 	$(BIN)/hsl query "$(QUERY)" --store $(STORE) --top-k 5
 
 lint: install
@@ -30,8 +40,8 @@ test: lint
 bench: install
 	$(BIN)/python bench/extract.py
 
-clean:
-	rm -rf $(VENV) *.egg-info demo.h5
+clean:  # the venv and the demo's stores with their search indexes (demo.h5: the name older versions used)
+	rm -rf $(VENV) *.egg-info fashion.h5 fashion.h5.index demo.h5 demo.h5.index demo-*.h5 demo-*.h5.index
 
 reliability: install  # regenerates docs/reliability.md from the suite's own record
 	$(BIN)/python -m pytest -q tests/test_reliability.py tests/test_kills.py --reliability-report docs/reliability.md

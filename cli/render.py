@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -11,6 +12,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -21,8 +23,28 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-out = Console()
-err = Console(stderr=True)
+PIPE_WIDTH = 1000  # piped output has no screen to fit: a path or title folded mid-word breaks copying and grep
+
+
+def _console(stderr: bool) -> Console:
+    console = Console(stderr=stderr)
+    if console.is_terminal or "COLUMNS" in os.environ:
+        return console
+    return Console(stderr=stderr, width=PIPE_WIDTH, soft_wrap=True)
+
+
+out = _console(stderr=False)
+err = _console(stderr=True)
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """A path as the user would type it: relative to the working folder when that is shorter."""
+    text = os.fspath(path)
+    try:
+        relative = os.path.relpath(text)
+    except ValueError:  # another drive (Windows)
+        return text
+    return relative if len(relative) < len(text) else text
 
 
 def handle_errors(command: Callable) -> Callable:
@@ -30,18 +52,18 @@ def handle_errors(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from hsl.errors import HSLError, HSLUsageError
+        from hsl.errors import HSLError, HSLUsageError, os_error_message
 
         try:
             return command(*args, **kwargs)
         except HSLUsageError as exc:
-            err.print(f"[red]error:[/red] {exc}", highlight=False, markup=True, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except HSLError as exc:
-            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except OSError as exc:  # the file system said no (permissions, disk full, a damaged file)
-            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(os_error_message(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("interrupted: finished work is saved; run the same command again to continue")
@@ -72,11 +94,16 @@ def progress_bar(description: str, quiet: bool, unit: str = "items") -> Iterator
                    _Rate(unit), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err,
                    transient=False)
     task = bar.add_task(description, total=None)
+    last = [0]
 
     def update(done: int, total: int) -> None:
         if not bar.live.is_started:  # start on first news: an early error prints no empty bar
             bar.start()
-        bar.update(task, completed=done, total=total)
+        if done < last[0]:  # a new pass (hsl train's next epoch): its own count, time and rate, not a mix
+            bar.reset(task, total=total, completed=done)
+        else:
+            bar.update(task, completed=done, total=total)
+        last[0] = done
 
     try:
         yield update

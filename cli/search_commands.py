@@ -24,18 +24,20 @@ from .options import (
     ShardsOption,
     StoreOption,
 )
-from .render import err, handle_errors, out, print_json, progress_bar
+from .render import display_path, err, handle_errors, out, print_json, progress_bar
 
 ModelOption = Annotated[Path | None, typer.Option("--model", "-m", help="Model folder (default: the shipped one).")]
 
 
 def _read_queries(source: str) -> list[str]:
-    from hsl.errors import HSLUsageError
+    from hsl.errors import HSLUsageError, os_error_message
 
     try:
         text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise HSLUsageError(f"--queries {source}: cannot read it ({exc})") from exc
+    except OSError as exc:
+        raise HSLUsageError(os_error_message(exc, "--queries")) from None
+    except UnicodeDecodeError:
+        raise HSLUsageError(f"--queries {source}: not UTF-8 text; give one query per line") from None
     return [line for line in text.splitlines() if line.strip()]
 
 
@@ -70,12 +72,16 @@ def query(
         raise HSLUsageError("give a query text or --queries FILE (not both)")
     texts = _read_queries(queries) if queries else [text]
     filters = parse_where(where or [])
+    if html:
+        from hsl.html import check_destination
+
+        check_destination(html)  # before the index is built: a bad path costs nothing
     with progress_bar("indexing", quiet, unit="products") as progress:
         searcher = Searcher(store, model, device=device, progress=progress, backend=backend, nprobe=nprobe,
                             ef_search=ef_search, ivfpq=_ivfpq(nlist, pq_m, pca_dim, rerank, shards))
-    if model is None and not quiet:
-        err.print(f"using the default model ({searcher.model_dir})", highlight=False)
     results = [searcher.search(t, top_k=top_k, where=filters) for t in texts]
+    if model is None and not quiet:  # after the search: a bad --where is then the only line on stderr
+        err.print(f"using the default model ({display_path(searcher.model_dir)})", highlight=False)
     for result in results:
         for warning in result.warnings:
             err.print(f"[yellow]warning:[/yellow] {warning}")
@@ -84,7 +90,7 @@ def query(
 
         write_page(results, html)
         if not quiet:
-            err.print(f"wrote {html}")
+            err.print(f"wrote {html}: open it in a browser to see the photos", highlight=False)
     if json_output:
         for result in results:
             print_json({"query": result.query, "model": str(searcher.model_dir), "store": str(store),
@@ -92,6 +98,24 @@ def query(
         return
     for result in results:
         _print_table(result)
+    if not html and not quiet and any(result.hits for result in results):
+        hint = _html_hint(text, queries, store, model, top_k, where or [])
+        err.print(f"to see the photos: {hint}", highlight=False, soft_wrap=True)
+
+
+def _html_hint(text: str | None, queries: str | None, store: Path, model: Path | None, top_k: int,
+               where: list[str]) -> str:
+    """The same search plus --html page.html: the next step, ready to paste."""
+    import shlex
+    import shutil
+
+    # `make demo` runs .venv/bin/hsl without an activated venv: then that path is what the user can type.
+    program = "hsl" if shutil.which("hsl") or not sys.argv[0].endswith("hsl") else display_path(sys.argv[0])
+    words = [program, "query", *([text] if queries is None else ["--queries", queries]), "--store", str(store)]
+    words += ["--model", str(model)] if model else []
+    words += [word for clause in where for word in ("--where", clause)]
+    words += ["--top-k", str(top_k)] if top_k != 10 else []
+    return " ".join(shlex.quote(word) for word in [*words, "--html", "page.html"])
 
 
 def _ivfpq(nlist: int, m: int, dim: int, rerank: int, shards: int) -> object:
@@ -107,7 +131,7 @@ def _print_table(result: object) -> None:
         table.add_column(name, justify=justify, overflow="fold")
     for hit in result.hits:
         attributes = ", ".join(v for v in list(hit.attributes.values())[:4] if v)
-        table.add_row(str(hit.rank), f"{hit.score:.3f}", hit.id, hit.text, attributes, hit.image)
+        table.add_row(str(hit.rank), f"{hit.score:.3f}", hit.id, hit.text, attributes, display_path(hit.image))
     if not result.hits:
         out.print(f"no products match “{result.query}” with these filters", highlight=False)
         return

@@ -9,7 +9,7 @@ import typer
 
 from .app import app
 from .options import BackendOption, DeviceOption, QuietOption, StoreOption
-from .render import err, handle_errors, progress_bar
+from .render import display_path, err, handle_errors, progress_bar
 from .search_commands import ModelOption
 
 
@@ -30,7 +30,7 @@ def serve(
     with progress_bar("indexing", quiet, unit="products") as progress:
         catalog = Catalog(store, model, device=device, backend=backend, progress=progress)
     if model is None and not quiet:
-        err.print(f"using the default model ({catalog.searcher.model_dir})", highlight=False)
+        err.print(f"using the default model ({display_path(catalog.searcher.model_dir)})", highlight=False)
 
     def ready(url: str) -> None:
         err.print(f"listening on {url} ({len(catalog)} products; API docs at {url}/docs; Ctrl-C stops)",

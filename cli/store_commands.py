@@ -11,7 +11,7 @@ from rich.table import Table
 
 from .app import app
 from .options import BatchOption, DeviceOption, JsonOption, QuietOption, StoreOption
-from .render import err, handle_errors, out, print_json, progress_bar
+from .render import display_path, err, handle_errors, out, print_json, progress_bar
 
 
 @app.command()
@@ -77,7 +77,7 @@ def extract(
         print_json(summary)
     else:
         out.print(f"{report.extracted} extracted, {report.already_done} already in the store, "
-                  f"{len(report.skipped)} skipped in {report.seconds:.1f}s -> {report.store}"
+                  f"{len(report.skipped)} skipped in {report.seconds:.1f}s -> {display_path(report.store)}"
                   + (f" ({report.processes} processes)" if report.processes > 1 else ""), highlight=False)
         for reason, count in report.skipped_by_reason().items():
             out.print(f"  skipped {count:>6} {reason}", highlight=False)
@@ -105,7 +105,8 @@ def merge(
         print_json({**asdict(report), "seconds": round(report.seconds, 2)})
         return
     out.print(f"{report.rows} rows from {len(report.shards)} shard(s) ({report.done} done, {report.not_done} still "
-              f"to extract, {report.replaced} replaced) in {report.seconds:.1f}s -> {report.store}", highlight=False)
+              f"to extract, {report.replaced} replaced) in {report.seconds:.1f}s -> {display_path(report.store)}",
+              highlight=False)
 
 
 @app.command()

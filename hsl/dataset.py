@@ -108,9 +108,13 @@ def load_products(store: FeatureStore, require_text: bool = False, region_grid: 
         if require_text:
             keep &= store.column("text_lengths") > 0
         rows = np.flatnonzero(keep)
+        done = int((store.column("status") == DONE).sum())
+        if len(rows) == 0 and done:  # extracted, but from photos alone: nothing to learn words from
+            raise HSLError(f"{store.path}: none of its {done} products has a title, and hsl train and hsl "
+                           "eval pair titles with photos; extract a manifest with a title column (--text-column) "
+                           "or photos with a sibling .txt title into a store to train on")
         if len(rows) == 0:
-            raise HSLError(f"{store.path}: no extracted products{' with a title' if require_text else ''}; "
-                           "run hsl extract first")
+            raise HSLError(f"{store.path}: no extracted products; run hsl extract first")
     feats = store.read_features(rows)
     whole = torch.from_numpy(feats["image_global"])[:, None]  # [N,1,D]
     cells, cell_mask = torch.from_numpy(feats["regions"]), torch.from_numpy(feats["region_mask"]).bool()

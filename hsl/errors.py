@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+from pathlib import Path
 
 
 class HSLError(Exception):
@@ -33,3 +35,31 @@ class StoreInUseError(HSLError):
             text = (f"{store} is in use by another hsl process that is writing it; wait for it to finish, "
                     "then run this again")
         super().__init__(text)
+
+
+def os_error_message(exc: OSError, what: str = "") -> str:
+    """One line for a file-system refusal: the path, the cause in words and what to do, never "[Errno 2]".
+
+    `what` names the option the path came from (e.g. "--html"), when the caller knows it."""
+    path = exc.filename
+    label = " ".join(str(p) for p in (what, os.fsdecode(path) if path is not None else None) if p)
+    cause = exc.strerror or str(exc)
+    if exc.errno == errno.ENOENT and path is not None:
+        parent = Path(os.fsdecode(path)).parent
+        if not parent.is_dir():
+            fix = f"its folder {parent} does not exist; create it or give another path"
+        else:
+            fix = "no such file; check the path"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        fix = "permission denied; give a path you are allowed to use"
+    elif exc.errno == errno.ENOTDIR:
+        fix = "a part of the path is a file, not a folder; give another path"
+    elif exc.errno == errno.EISDIR:
+        fix = "that is a folder; give a file path"
+    elif exc.errno == errno.ENOSPC:
+        fix = "no space left on the disk; free some space and run the command again"
+    elif exc.errno == errno.EROFS:
+        fix = "the file system is read-only; give a path on a writable disk"
+    else:
+        fix = cause[:1].lower() + cause[1:]
+    return f"{label}: {fix}" if label else fix

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .dataset import Products, Split, check_backbone, load_products
-from .errors import HSLError, HSLUsageError
+from .errors import HSLError, HSLUsageError, os_error_message
 from .metrics import graded_ndcg_at_k, hierarchical_precision_at_k, mrr, summarize
 
 _BLOCK = 256  # queries or gallery images per block: bounds memory of the [Bq, Bi, R] object scores
@@ -62,7 +62,11 @@ class Queries:
 def read_queries(path: str | os.PathLike) -> Queries:
     """JSONL: {"query": ..., "relevant": [ids]} or {"query": ..., "attributes": {column: value}}."""
     texts, relevant, attributes = [], [], []
-    with open(path, encoding="utf-8") as handle:
+    try:
+        handle = open(path, encoding="utf-8")
+    except OSError as exc:
+        raise HSLUsageError(os_error_message(exc, "--queries")) from None
+    with handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue

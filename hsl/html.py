@@ -10,7 +10,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .search import SearchResult
+from .errors import HSLError, HSLUsageError, os_error_message
+from .search import Hit, SearchResult
 
 THUMB = 160
 _STYLE = """body{font-family:system-ui,sans-serif;margin:1.5rem;background:#fafafa;color:#222}
@@ -35,17 +36,27 @@ def _thumbnail(path: str) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def _alt_text(hit: Hit) -> str:
+    """What a screen reader says for the photo: the title, else the product's id and its attribute values."""
+    if hit.text:
+        return hit.text
+    values = ", ".join(v for v in hit.attributes.values() if v)
+    return f"photo of product {hit.id}" + (f" ({values})" if values else "")
+
+
 def render_page(results: list[SearchResult], title: str = "hsl search results") -> str:
     sections = []
     for result in results:
         figures = []
         for hit in result.hits:
             uri = _thumbnail(hit.image)
-            picture = (f'<img src="{uri}" alt="{html.escape(hit.text)}">' if uri
+            picture = (f'<img src="{uri}" alt="{html.escape(_alt_text(hit))}">' if uri
                        else '<div class="missing">photo unavailable</div>')
             attrs = ", ".join(f"{k}: {v}" for k, v in hit.attributes.items() if v)
+            # Without a title the id is the caption's name; it is not repeated on the score line.
+            score = f"{html.escape(hit.id)} · {hit.score:.3f}" if hit.text else f"{hit.score:.3f}"
             figures.append(f'<figure>{picture}<figcaption><b>{hit.rank}.</b> {html.escape(hit.text or hit.id)}<br>'
-                           f'<span class="score">{html.escape(hit.id)} · {hit.score:.3f}</span><br>'
+                           f'<span class="score">{score}</span><br>'
                            f'{html.escape(attrs)}</figcaption></figure>')
         sections.append(f'<section><h2>{html.escape(result.query)}</h2><div class="grid">{"".join(figures)}'
                         f'</div></section>')
@@ -53,7 +64,21 @@ def render_page(results: list[SearchResult], title: str = "hsl search results") 
             f'<style>{_STYLE}</style></head><body>{"".join(sections)}</body></html>\n')
 
 
+def check_destination(path: str | os.PathLike) -> None:
+    """Refuse a page path that cannot be written (a missing folder, a folder itself) before any search runs."""
+    path = Path(path)
+    if path.is_dir():
+        raise HSLUsageError(f"--html {path}: that is a folder; give a file path such as {path / 'page.html'}")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise HSLUsageError(f"--html {path}: {path.parent} is a file, not a folder; give another path")
+    if not path.parent.is_dir():
+        raise HSLUsageError(f"--html {path}: its folder {path.parent} does not exist; create it or give another path")
+
+
 def write_page(results: list[SearchResult], path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.write_text(render_page(results), encoding="utf-8")
+    try:
+        path.write_text(render_page(results), encoding="utf-8")
+    except OSError as exc:
+        raise HSLError(os_error_message(exc, "--html")) from None
     return path

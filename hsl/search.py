@@ -8,6 +8,7 @@ are then re-ranked with the exact HSL score.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,54 @@ def parse_where(clauses: list[str]) -> dict[str, str]:
     return where
 
 
+class AttributeFilter:
+    """Attribute columns for COLUMN=VALUE filters: values match ignoring case ("women" finds "Women"), and a
+    column or value that no product has is a usage error listing what the store does have."""
+
+    MAX_LISTED = 20  # values named in an error; a column with more (articleType: ~140) ends with "and N more"
+
+    def __init__(self, attributes: dict[str, np.ndarray]) -> None:
+        self.values = attributes  # {column: [N] object array of strings}
+        self._folded: dict[str, np.ndarray] = {}
+
+    def mask(self, where: dict[str, str], label: str = "--where ") -> np.ndarray:
+        """[N] bool of the products matching every clause; `label` names the option in errors."""
+        count = len(next(iter(self.values.values()))) if self.values else 0
+        keep = np.ones(count, dtype=bool)
+        for column, value in where.items():
+            if not self.values:
+                raise HSLUsageError(f"{label}{column}={value}: the store has no attribute columns (they come from "
+                                    "a manifest's columns besides id, image and title); search without it")
+            if column not in self.values:
+                raise HSLUsageError(f"{label}{column}={value}: no such attribute column; the store has "
+                                    f"{', '.join(self.values)}")
+            if column not in self._folded:
+                self._folded[column] = np.array([v.casefold() for v in self.values[column]], dtype=object)
+            match = self._folded[column] == value.casefold()
+            if not match.any():
+                raise HSLUsageError(f"{label}{column}={value}: no product has it{self._suggest(column, value)}; "
+                                    f"{column} has {self.listing(column)}")
+            keep &= match
+        return keep
+
+    def _suggest(self, column: str, value: str) -> str:
+        """ " (did you mean Women?)" for a near miss such as "Woman", else nothing."""
+        import difflib
+
+        names = {v.casefold(): v for v in self.values[column].tolist() if v}
+        close = difflib.get_close_matches(value.casefold(), list(names), n=1)
+        return f" (did you mean {names[close[0]]}?)" if close else ""
+
+    def listing(self, column: str) -> str:
+        """The column's values, most frequent first: "Men, Women, Boys, Girls, Unisex"."""
+        counts = Counter(v for v in self.values[column].tolist() if v)
+        names = [v for v, _ in counts.most_common()]
+        if not names:
+            return "no values"
+        more = len(names) - self.MAX_LISTED
+        return ", ".join(names[:self.MAX_LISTED]) + (f" and {more} more" if more > 0 else "")
+
+
 def clean_query(text: str) -> tuple[str, list[str]]:
     """Strip control characters and whitespace; refuse an empty query; truncate a huge one."""
     cleaned = " ".join("".join(c if c.isprintable() else " " for c in text).split())
@@ -71,10 +120,11 @@ class Searcher:
                  device: str = "cpu", progress: Callable[[int, int], None] | None = None,
                  backend: str = "auto", nprobe: int = 32, ef_search: int = 128,
                  ivfpq: IVFPQOptions | None = None) -> None:
+        from .extract import resolve_device
         from .factory import load_model, model_hash
 
         self.store_path = Path(store_path)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)  # before any work: a missing GPU is one clear line, not a traceback
         with FeatureStore.open(self.store_path) as store:
             self.store_meta = dict(store.meta)
             fingerprint = store_fingerprint(store)
@@ -92,7 +142,7 @@ class Searcher:
         self.index = VectorSearch(path, backend, nprobe, ef_search, ivfpq)
         self.rows = self.index.rows  # [N] store row of each index vector
         self._text_encoder = None
-        self._attributes: dict[str, np.ndarray] | None = None
+        self._attributes: AttributeFilter | None = None
 
     def _check_default_model(self) -> None:
         import json
@@ -121,14 +171,9 @@ class Searcher:
     def _attribute_mask(self, where: dict[str, str]) -> np.ndarray:
         if self._attributes is None:
             with FeatureStore.open(self.store_path) as store:
-                self._attributes = {k: np.array(v, dtype=object)[self.rows] for k, v in store.attributes().items()}
-        keep = np.ones(len(self.rows), dtype=bool)
-        for column, value in where.items():
-            if column not in self._attributes:
-                raise HSLUsageError(f"--where {column}=...: no such attribute column; the store has "
-                                    f"{', '.join(self._attributes) or 'none'}")
-            keep &= self._attributes[column] == value
-        return keep
+                self._attributes = AttributeFilter({k: np.array(v, dtype=object)[self.rows]
+                                                    for k, v in store.attributes().items()})
+        return self._attributes.mask(where)
 
     @torch.no_grad()
     def search(self, query: str, top_k: int = 10, where: dict[str, str] | None = None) -> SearchResult:

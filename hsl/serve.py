@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .errors import HSLError, HSLUsageError
-from .search import Hit, Searcher, SearchResult, clean_query
+from .search import AttributeFilter, Hit, Searcher, SearchResult, clean_query
 from .store import FeatureStore
 
 MAX_TOP_K = 100
@@ -79,7 +79,8 @@ class Catalog:
             self._texts = store.strings("texts", rows)
             self._images = store.strings("images", rows)
             attributes = store.attributes(rows)
-        self._values = {c: np.array(v, dtype=object) for c, v in attributes.items()}  # [N] per column
+        self._filter = AttributeFilter({c: np.array(v, dtype=object) for c, v in attributes.items()})
+        self._values = self._filter.values  # {column: [N] value of each index position}
         self._position = {pid: i for i, pid in enumerate(self.ids)}
         # Searches running at once: each torch op already spreads over torch's threads, so more searches
         # than cores / threads only contend (bench/serve.py: same requests/s, higher p95). 0: no cap.
@@ -96,7 +97,8 @@ class Catalog:
     def _warm_up(self) -> None:
         """Build the Searcher's lazy parts now, in one thread (see the module docstring)."""
         column = self.columns[0] if self.columns and len(self) else None
-        where = {column: str(self._values[column][0])} if column else None
+        value = next((v for v in self._values[column].tolist() if v), None) if column else None
+        where = {column: value} if value is not None else None
         self.searcher.search("warm up", top_k=1, where=where)
 
     # -- lookups ----------------------------------------------------------------------------------
@@ -122,15 +124,7 @@ class Catalog:
 
     def _allowed(self, where: dict[str, str] | None) -> np.ndarray | None:
         """[N] bool of the products matching every COLUMN=VALUE, or None for no filter."""
-        if not where:
-            return None
-        keep = np.ones(len(self), dtype=bool)
-        for column, value in where.items():
-            if column not in self._values:
-                raise HSLUsageError(f"where={column}=...: no such attribute column; the catalog has "
-                                    f"{', '.join(self.columns) or 'none'}")
-            keep &= self._values[column] == value
-        return keep
+        return self._filter.mask(where, label="where=") if where else None
 
     # -- searches ---------------------------------------------------------------------------------
     def search(self, query: str, top_k: int = 10, where: dict[str, str] | None = None) -> SearchResult:
@@ -194,6 +188,7 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart may reuse the port at once
         sock.bind(address)
+        sock.listen(2048)  # listening now: a client that connects once `ready` prints the address is not refused
     except OSError as exc:
         sock.close()
         raise HSLError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port "

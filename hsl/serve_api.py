@@ -14,6 +14,7 @@ from typing import Annotated
 from urllib.parse import quote
 
 from fastapi import FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 
@@ -92,10 +93,19 @@ def _where(clauses: list[str] | None) -> dict[str, str]:
         raise HSLUsageError(f"where={bad!r}: write it as COLUMN=VALUE, e.g. where=gender=Women") from None
 
 
+def _validation_message(exc: RequestValidationError) -> str:
+    """"k: Input should be less than or equal to 100; ..." from FastAPI's list of validation errors."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error.get("loc", ())[1:]) or "request"  # loc[0] is query / path / body
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "; ".join(parts) or "malformed request"
+
+
 TopK = Annotated[int, Query(ge=1, le=MAX_TOP_K, description="How many results.")]
 Where = Annotated[list[str] | None, Query(description="Filter COLUMN=VALUE; repeat for several (all must hold).")]
 ProductId = Annotated[str, Path(description="The product's id (URL-encoded).")]
-ERRORS = {400: {"model": ErrorOut}, 404: {"model": ErrorOut}}
+ERRORS = {400: {"model": ErrorOut}, 404: {"model": ErrorOut}, 422: {"model": ErrorOut}}
 
 
 def create_app(catalog: Catalog) -> FastAPI:
@@ -110,6 +120,11 @@ def create_app(catalog: Catalog) -> FastAPI:
     @app.exception_handler(HSLUsageError)
     async def bad_request(request: Request, exc: HSLUsageError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer is a list of error objects; the API promises {"detail": "one message"}.
+        return JSONResponse({"detail": _validation_message(exc)}, status_code=422)
 
     @app.exception_handler(HSLError)
     async def failed(request: Request, exc: HSLError) -> JSONResponse:
@@ -137,7 +152,7 @@ def create_app(catalog: Catalog) -> FastAPI:
                 for c, values in catalog.filters.items()]
 
     @app.get("/search", response_model=ResultsOut, responses=ERRORS)
-    def search(q: Annotated[str, Query(min_length=1, max_length=10_000, description="What the shopper types.")],
+    def search(q: Annotated[str, Query(max_length=10_000, description="What the shopper types (empty: 400).")],
                k: TopK = 10, where: Where = None) -> ResultsOut:
         """Rank the catalog's products for the words `q` with the HSL model (score: the HSL similarity)."""
         return _results(catalog.search(q, top_k=k, where=_where(where)))
