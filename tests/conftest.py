@@ -176,8 +176,21 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
              "```", f"python -m pytest tests/test_reliability.py tests/test_kills.py --reliability-report {path}",
              "```", "",
              "Every case passed in the run that wrote this file; a failing case would appear as FAILED.", "",
+             _counts(_RELIABILITY), "",
              "| area | case | times | outcome | test |", "|---|---|---|---|---|"]
     for row in _RELIABILITY:
         outcome = row["outcome"].replace("|", "\\|")
         lines.append(f"| {row['area']} | {row['case']} | {row['tries']} | {outcome} | `{row['test']}` |")
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _counts(rows: list[dict]) -> str:
+    failed = sum(row["area"] == "FAILED" for row in rows)
+    areas: dict[str, list[int]] = {}
+    for row in rows:
+        areas.setdefault(row["area"], [0, 0])
+        areas[row["area"]][0] += 1
+        areas[row["area"]][1] += row["tries"]
+    per_area = "; ".join(f"{area}: {cases} cases, {tries} tries" for area, (cases, tries) in areas.items())
+    return (f"{len(rows)} cases, {sum(r['tries'] for r in rows)} tries, "
+            f"{'all passed' if not failed else f'{failed} FAILED'} ({per_area}).")
