@@ -22,11 +22,9 @@ class StoreMismatchError(HSLError):
 class StoreInUseError(HSLError):
     """Another live process is writing the store: nothing is wrong with it, it is only busy."""
 
-    def __init__(self, store: str | os.PathLike, holder: dict | None, problem: str = "") -> None:
+    def __init__(self, store: str | os.PathLike, holder: dict | None) -> None:
         self.store, self.holder = store, holder
-        if problem:
-            text = f"{store}: cannot take the writer's lock: {problem}; check the folder's permissions"
-        elif holder and holder.get("pid"):
+        if holder and holder.get("pid"):
             who = f"process {holder['pid']}" + (f" on {holder['host']}" if holder.get("host") else "")
             what = f" ({holder['command']})" if holder.get("command") else ""
             text = (f"{store} is in use: {who}{what} is writing it; wait for it to finish, or stop it "

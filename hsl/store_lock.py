@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import StoreInUseError
+from .errors import HSLError, StoreInUseError, os_error_message
 
 _HELD: dict[str, tuple[int, int]] = {}  # lock path -> (fd, depth): this process may nest its own lock
 
@@ -55,8 +55,8 @@ def _acquire(path: Path, store_path: Path, command: str) -> int:
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise StoreInUseError(store_path, None, f"cannot create {path.name} beside it ({exc.strerror})") from None
+        except OSError as exc:  # the store's folder is missing, a file, read-only, ...: say so for the store
+            raise HSLError(os_error_message(OSError(exc.errno, exc.strerror, str(store_path)))) from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
