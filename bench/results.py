@@ -9,6 +9,7 @@ the script resumes after an interruption.
     python bench/results.py --store fashion.h5 --out runs --configs hsl-default dual --seeds 0 1 2
     python bench/results.py --out runs --configs hsl-default dual --seeds 0 1 2 --table-only
     python bench/results.py --store fashion.h5 --out runs --configs hsl-paper --seeds 0 1 2 --device cuda
+    python bench/results.py --store fashion.h5 --out runs-fp32 --configs hsl-default --precision fp32
 """
 
 from __future__ import annotations
@@ -28,18 +29,21 @@ HIERARCHY = ["masterCategory", "subCategory", "articleType"]
 COLUMNS = ["R@1", "R@5", "R@10", "MRR", "NDCG@5", "gNDCG@10", "HP@5", "acc_image", "acc_text", "train_s"]
 
 
-def run_one(store: Path, out: Path, config: str, seed: int, epochs: int | None, device: str = "cpu") -> dict:
+def run_one(store: Path, out: Path, config: str, seed: int, epochs: int | None, device: str = "cpu",
+            precision: str = "auto") -> dict:
     done = out / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
     started = time.perf_counter()
     resume = Checkpoint(out / "model" / "checkpoint").exists()
     record = train(store, out / "model", TrainOptions(config=config, seed=seed, epochs=epochs, resume=resume,
-                                                       device=device))
+                                                       device=device, precision=precision))
     seconds = time.perf_counter() - started
-    instance = evaluate(store, out / "model", hierarchy=HIERARCHY, device=device)
-    graded = evaluate(store, out / "model", queries_path=str(QUERIES), device=device)
-    result = {"config": config, "seed": seed, "device": device, "best_epoch": record["best"]["epoch"],
+    instance = evaluate(store, out / "model", hierarchy=HIERARCHY, device=device, precision=precision)
+    graded = evaluate(store, out / "model", queries_path=str(QUERIES), device=device, precision=precision)
+    result = {"config": config, "seed": seed, "device": device, "precision": instance["precision"],
+              "best_epoch": record["best"]["epoch"],
+              "epoch_s": [entry["seconds"] for entry in record["history"]],
               "train_s": round(seconds, 1),
               **instance["metrics"], **graded["metrics"], "test_products": instance["gallery"],
               "attribute_queries": graded["queries"]}
@@ -73,6 +77,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="override every config's epochs")
     parser.add_argument("--device", default="cpu", help="torch device for training and scoring, e.g. cuda")
+    parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 (hsl/precision.py)")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
     results: dict[str, list[dict]] = {}
@@ -83,7 +88,7 @@ def main() -> None:
                 if (run_dir / "result.json").is_file():
                     results.setdefault(config, []).append(json.loads((run_dir / "result.json").read_text()))
                 continue
-            result = run_one(args.store, run_dir, config, seed, args.epochs, args.device)
+            result = run_one(args.store, run_dir, config, seed, args.epochs, args.device, args.precision)
             results.setdefault(config, []).append(result)
             print(json.dumps(result), flush=True)
     print(table(results))

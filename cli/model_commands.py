@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from .app import app
-from .options import DeviceOption, JsonOption, QuietOption, StoreOption
+from .options import DeviceOption, JsonOption, PrecisionOption, QuietOption, StoreOption
 from .render import err, handle_errors, out, print_json, progress_bar
 
 ModelOption = Annotated[Path, typer.Option("--model", "-m", help="Trained model folder.")]
@@ -30,6 +30,7 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of the split, shuffle and initialisation.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the last finished epoch in --out.")] = False,
     device: DeviceOption = "cpu",
+    precision: PrecisionOption = "auto",
     quiet: QuietOption = False,
     json_output: JsonOption = False,
 ) -> None:
@@ -43,7 +44,8 @@ def train(
     from hsl.train import train as run_train
 
     options = TrainOptions(config=config, epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
-                           test_fraction=test_fraction, seed=seed, device=str(resolve_device(device)), resume=resume)
+                           test_fraction=test_fraction, seed=seed, device=str(resolve_device(device)), resume=resume,
+                           precision=precision)
 
     main_rank = from_env().is_main
     quiet = quiet or not main_rank
@@ -79,6 +81,7 @@ def evaluate(
     split: Annotated[str, typer.Option(help="auto (the model's test split), all, train, val or test.")] = "auto",
     hierarchy: Annotated[str | None, typer.Option(help="Category columns, root first, for HP@K.")] = None,
     device: DeviceOption = "cpu",
+    precision: PrecisionOption = "auto",
     json_output: JsonOption = False,
 ) -> None:
     """Score a trained model: Recall@K, MRR, mAP, P@K, NDCG@5 (KDD Cup 2020), graded NDCG@10, HP@K."""
@@ -87,11 +90,13 @@ def evaluate(
 
     columns = [c.strip() for c in hierarchy.split(",")] if hierarchy else None
     result = run_eval(store, model, str(queries) if queries else None, split=split, hierarchy=columns,
-                      device=str(resolve_device(device)), answers_path=str(answers) if answers else None)
+                      device=str(resolve_device(device)), answers_path=str(answers) if answers else None,
+                      precision=precision)
     if json_output:
         print_json(result)
         return
-    table = Table(title=f"{result['queries']} queries, gallery of {result['gallery']} ({result['split']} split)")
+    table = Table(title=f"{result['queries']} queries, gallery of {result['gallery']} ({result['split']} split, "
+                        f"{result['precision']})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in result["metrics"].items():

@@ -9,6 +9,9 @@ StoreOption = Annotated[Path, typer.Option("--store", "-s", help="HDF5 feature s
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")]
+PrecisionOption = Annotated[str, typer.Option(
+    "--precision", help="auto (bf16 on CPUs with native bf16 and on CUDA, fp16 on older GPUs, else fp32), "
+    "fp32, bf16 or fp16.")]
 BatchOption = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Items per forward pass.")]
 BackendOption = Annotated[str, typer.Option(
     help="Search index: auto, exact, flat (faiss), ivf, hnsw or ivfpq (approximate; ivfpq for 10M+ products).")]

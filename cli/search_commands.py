@@ -19,6 +19,7 @@ from .options import (
     NprobeOption,
     PcaDimOption,
     PqMOption,
+    PrecisionOption,
     QuietOption,
     RerankOption,
     ShardsOption,
@@ -61,6 +62,7 @@ def query(
     rerank: RerankOption = 400,
     shards: ShardsOption = 1,
     device: DeviceOption = "cpu",
+    precision: PrecisionOption = "auto",
     quiet: QuietOption = False,
     json_output: JsonOption = False,
 ) -> None:
@@ -78,7 +80,8 @@ def query(
         check_destination(html)  # before the index is built: a bad path costs nothing
     with progress_bar("indexing", quiet, unit="products") as progress:
         searcher = Searcher(store, model, device=device, progress=progress, backend=backend, nprobe=nprobe,
-                            ef_search=ef_search, ivfpq=_ivfpq(nlist, pq_m, pca_dim, rerank, shards))
+                            ef_search=ef_search, ivfpq=_ivfpq(nlist, pq_m, pca_dim, rerank, shards),
+                            precision=precision)
     results = [searcher.search(t, top_k=top_k, where=filters) for t in texts]
     if model is None and not quiet:  # after the search: a bad --where is then the only line on stderr
         err.print(f"using the default model ({display_path(searcher.model_dir)})", highlight=False)
@@ -149,6 +152,7 @@ def index(
     pca_dim: PcaDimOption = 256,
     shards: ShardsOption = 1,
     device: DeviceOption = "cpu",
+    precision: PrecisionOption = "auto",
     quiet: QuietOption = False,
     json_output: JsonOption = False,
 ) -> None:
@@ -157,9 +161,10 @@ def index(
 
     with progress_bar("indexing", quiet, unit="products") as progress:
         searcher = Searcher(store, model, device=device, progress=progress, backend=backend,
-                            ivfpq=_ivfpq(nlist, pq_m, pca_dim, 400, shards))
+                            ivfpq=_ivfpq(nlist, pq_m, pca_dim, 400, shards), precision=precision)
     payload = {"store": str(store), "model": str(searcher.model_dir), "products": len(searcher.rows),
-               "backend": searcher.index.backend, "exact_inner_product": searcher.model.exact_by_inner_product}
+               "backend": searcher.index.backend, "exact_inner_product": searcher.model.exact_by_inner_product,
+               "precision": searcher.precision.name}
     if json_output:
         print_json(payload)
     else:

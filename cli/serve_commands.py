@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from .app import app
-from .options import BackendOption, DeviceOption, QuietOption, StoreOption
+from .options import BackendOption, DeviceOption, PrecisionOption, QuietOption, StoreOption
 from .render import display_path, err, handle_errors, progress_bar
 from .search_commands import ModelOption
 
@@ -22,13 +22,14 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port).")] = 8000,
     backend: BackendOption = "auto",
     device: DeviceOption = "cpu",
+    precision: PrecisionOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
     """Serve a search page at / and a JSON API (OpenAPI at /docs) until Ctrl-C."""
     from hsl.serve import Catalog, serve_catalog
 
     with progress_bar("indexing", quiet, unit="products") as progress:
-        catalog = Catalog(store, model, device=device, backend=backend, progress=progress)
+        catalog = Catalog(store, model, device=device, backend=backend, progress=progress, precision=precision)
     if model is None and not quiet:
         err.print(f"using the default model ({display_path(catalog.searcher.model_dir)})", highlight=False)
 

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from .app import app
-from .options import BatchOption, DeviceOption, JsonOption, QuietOption, StoreOption
+from .options import BatchOption, DeviceOption, JsonOption, PrecisionOption, QuietOption, StoreOption
 from .render import display_path, err, handle_errors, out, print_json, progress_bar
 
 
@@ -32,6 +32,7 @@ def extract(
     batch_size: BatchOption = 32,
     workers: Annotated[int | None, typer.Option(min=0, help="Photo-decoding processes (default: cores-1).")] = None,
     device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
     max_pixels: Annotated[int | None, typer.Option(min=1, help="Refuse photos with more pixels.")] = None,
     max_boxes: Annotated[int | None, typer.Option(min=1, help="KDD Cup TSV: keep the N largest boxes per image "
                                                   "(default 20, as in the paper).")] = None,
@@ -56,7 +57,7 @@ def extract(
 
     options = ExtractOptions(
         backbone=backbone, grid=grid, max_text_tokens=max_text_tokens, batch_size=batch_size,
-        workers=default_workers() if workers is None else workers, device=device,
+        workers=default_workers() if workers is None else workers, device=device, precision=precision,
         max_pixels=max_pixels or DEFAULT_MAX_PIXELS, limit=limit, allow_outside=allow_outside, max_boxes=max_boxes,
         columns=Columns(id=id_column, image=image_column, text=text_column, image_template=image_template))
     me = from_env()

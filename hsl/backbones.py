@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import HSLError, HSLUsageError
+from .precision import Precision
 
 DEFAULT_BACKBONE = "minilm-effnet"
 _OPENCLIP_CONFIGS = Path(__file__).parent / "configs" / "openclip"
@@ -49,6 +50,16 @@ class Backbone(nn.Module):
         super().__init__()
         self.grid = grid
         self.max_text_tokens = max_text_tokens
+        self.precision = Precision("fp32", "cpu")
+
+    def use_precision(self, precision: Precision) -> Backbone:
+        """Run both encoders in `precision` (autocast; weights stay float32) and its image layout."""
+        self.precision = precision
+        memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):  # only convolutions care; linear layers have no layout
+                module.to(memory_format=memory_format)
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -78,10 +89,12 @@ class Backbone(nn.Module):
         x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0  # [B,3,H,W]
         mean = torch.tensor(self.image_mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.image_std, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        x = (x - mean) / std
+        return x.contiguous(memory_format=torch.channels_last) if self.precision.channels_last else x
 
     def _grid_regions(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B,D,H,W] feature map -> whole-image vector [B,D] and regions [B,R,D]."""
+        """[B,D,H,W] feature map -> whole-image vector [B,D] and regions [B,R,D], float32."""
+        fmap = fmap.float().contiguous()  # pool in float32 whatever the forward ran in
         whole = fmap.mean(dim=(2, 3))  # [B,D]
         if self.grid and self.grid != fmap.shape[-1]:
             fmap = F.adaptive_avg_pool2d(fmap, self.grid)  # [B,D,g,g]
@@ -125,12 +138,15 @@ class MiniLMEffNet(Backbone):
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmap = self.image_tower.forward_features(self._normalise(pixels))  # [B,1280,7,7]
+        with self.precision.autocast():
+            fmap = self.image_tower.forward_features(self._normalise(pixels))  # [B,1280,7,7]
         return self._grid_regions(fmap)
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> TextFeatures:
-        states, mask = self.text_tower(texts)  # [B,L,384], [B,L]
+        with self.precision.autocast():
+            states, mask = self.text_tower(texts)  # [B,L,384], [B,L]
+        states = states.float()
         weights = mask.unsqueeze(-1).float()  # [B,L,1]
         sentence = F.normalize((states * weights).sum(1) / weights.sum(1).clamp(min=1), dim=-1)  # sentence-transformers
         return _truncate_tokens(states * weights, mask.sum(1), sentence, self.max_text_tokens)
@@ -187,7 +203,9 @@ class TinyBackbone(Backbone):
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._grid_regions(self.convs(self._normalise(pixels)))
+        with self.precision.autocast():
+            fmap = self.convs(self._normalise(pixels))  # [B,D,4,4]
+        return self._grid_regions(fmap)
 
     def tokenize(self, text: str) -> list[int]:
         words = "".join(c.lower() if c.isalnum() else " " for c in text).split()
@@ -204,7 +222,9 @@ class TinyBackbone(Backbone):
             lengths[i] = len(word_ids)
         ids, lengths = ids.to(self.device), lengths.to(self.device)
         mask = (torch.arange(self.max_text_tokens, device=self.device)[None] < lengths[:, None]).float()
-        states = torch.tanh(self.mix(self.embed(ids) + self.position)) * mask.unsqueeze(-1)  # [B,T,D]
+        with self.precision.autocast():
+            states = torch.tanh(self.mix(self.embed(ids) + self.position)) * mask.unsqueeze(-1)  # [B,T,D]
+        states = states.float()
         sentence = F.normalize(states.sum(1) / mask.sum(1, keepdim=True).clamp(min=1), dim=-1)
         return TextFeatures(tokens=states, lengths=lengths, sentence=sentence)
 
@@ -246,9 +266,10 @@ class OpenCLIPBackbone(Backbone):
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         visual = self.model.visual
-        pooled, tokens = visual(self._normalise(pixels))  # [B,E], [B,P,W]
-        if visual.proj is not None:
-            tokens = tokens @ visual.proj  # [B,P,E]: regions live in the same space as the pooled vector
+        with self.precision.autocast():
+            pooled, tokens = visual(self._normalise(pixels))  # [B,E], [B,P,W]
+            if visual.proj is not None:
+                tokens = tokens @ visual.proj  # [B,P,E]: regions live in the same space as the pooled vector
         side = self.native_grid
         fmap = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)  # [B,E,g,g]
         _, regions = self._grid_regions(fmap)
@@ -258,13 +279,14 @@ class OpenCLIPBackbone(Backbone):
     def encode_texts(self, texts: list[str]) -> TextFeatures:
         m = self.model
         ids = self.tokenizer(texts).to(self.device)  # [B,L]
-        x = m.token_embedding(ids) + m.positional_embedding  # [B,L,W]
-        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))  # [B,L,W]
-        proj = m.text_projection
-        x = proj(x) if isinstance(proj, nn.Module) else x @ proj  # [B,L,E]
+        with self.precision.autocast():
+            x = m.token_embedding(ids) + m.positional_embedding  # [B,L,W]
+            x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))  # [B,L,W]
+            proj = m.text_projection
+            x = (proj(x) if isinstance(proj, nn.Module) else x @ proj).float()  # [B,L,E]
+            sentence = F.normalize(m.encode_text(ids).float(), dim=-1)
         lengths = ids.argmax(dim=-1) + 1  # the end-of-text token has the largest id
         mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).unsqueeze(-1)
-        sentence = F.normalize(m.encode_text(ids), dim=-1)
         return _truncate_tokens(x * mask, lengths, sentence, self.max_text_tokens)
 
 

@@ -17,6 +17,7 @@ import torch
 from .dataset import Products, Split, check_backbone, load_products
 from .errors import HSLError, HSLUsageError, os_error_message
 from .metrics import graded_ndcg_at_k, hierarchical_precision_at_k, mrr, summarize
+from .precision import resolve_precision
 
 _BLOCK = 256  # queries or gallery images per block: bounds memory of the [Bq, Bi, R] object scores
 
@@ -102,7 +103,7 @@ def attribute_gains(gallery: Products, wanted: dict[str, str]) -> np.ndarray:
 
 def evaluate(store_path: str | os.PathLike, model_dir: str | os.PathLike, queries_path: str | None = None,
              split: str = "auto", hierarchy: list[str] | None = None, device: str = "cpu",
-             answers_path: str | None = None) -> dict:
+             answers_path: str | None = None, precision: str = "auto") -> dict:
     """Metrics of a trained model on a store; see the module docstring for the query kinds.
 
     With `answers_path` (KDD Cup 2020 valid_answer.json) each query ranks only its own pool (hsl.pools).
@@ -112,13 +113,14 @@ def evaluate(store_path: str | os.PathLike, model_dir: str | os.PathLike, querie
             raise HSLUsageError("give --queries or --answers, not both")
         from .pools import evaluate_pools
 
-        return evaluate_pools(store_path, model_dir, answers_path, device=device)
+        return evaluate_pools(store_path, model_dir, answers_path, device=device, precision=precision)
     from .factory import load_model
     from .store import FeatureStore
 
     model, meta = load_model(model_dir)
     torch_device = torch.device(device)
-    model.to(torch_device)
+    resolved = resolve_precision(precision, torch_device)
+    model.to(torch_device).use_precision(resolved)
     with FeatureStore.open(store_path) as store:
         check_backbone(store, meta, str(model_dir))
         products = load_products(store, require_text=queries_path is None, region_grid=model.config.region_grid)
@@ -132,7 +134,7 @@ def evaluate(store_path: str | os.PathLike, model_dir: str | os.PathLike, querie
         query_paths = None if not hierarchy else [_path(gallery, hierarchy, i) for i in range(len(gallery))]
     else:
         queries = read_queries(queries_path)
-        tokens, mask = encode_query_texts(meta["backbone"], queries.texts, max_text_tokens)
+        tokens, mask = encode_query_texts(meta["backbone"], queries.texts, max_text_tokens, precision)
         scores = score_matrix(model, encode_gallery(model, gallery, torch_device), tokens, mask, torch_device)
         top = scores.topk(min(k, len(gallery)), dim=1).indices.tolist()
         ranked = [[gallery.ids[j] for j in row] for row in top]
@@ -152,7 +154,8 @@ def evaluate(store_path: str | os.PathLike, model_dir: str | os.PathLike, querie
     if queries_path is None:  # titles of the gallery are the text side: the HUSE classifier's accuracy
         metrics.update(_huse_accuracy(model, model_dir, gallery, torch_device))
     return {"metrics": {key: round(float(v), 6) for key, v in metrics.items()}, "queries": len(ranked),
-            "gallery": len(gallery), "split": split if split != "auto" else _auto_split(meta)}
+            "gallery": len(gallery), "split": split if split != "auto" else _auto_split(meta),
+            "precision": resolved.name}
 
 
 def _query_paths(queries: Queries, hierarchy: list[str] | None) -> list[tuple[str, ...]] | None:
@@ -215,11 +218,13 @@ def _split_products(products: Products, meta: dict, split: str) -> Products:
     return chosen
 
 
-def encode_query_texts(backbone_name: str, texts: list[str], max_text_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Free-text queries -> (tokens [Q,T,Dt], mask [Q,T]) with the store's text backbone."""
+def encode_query_texts(backbone_name: str, texts: list[str], max_text_tokens: int,
+                       precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Free-text queries -> (tokens [Q,T,Dt], mask [Q,T]) with the store's text backbone (on the CPU)."""
     from .backbones import create_text_encoder
 
     backbone = create_text_encoder(backbone_name, max_text_tokens=max_text_tokens)
+    backbone.use_precision(resolve_precision(precision, "cpu"))
     features = backbone.encode_texts(texts)
     positions = torch.arange(features.tokens.shape[1])
     return features.tokens.cpu(), positions[None] < features.lengths.cpu().clamp(min=1)[:, None]

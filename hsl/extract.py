@@ -28,6 +28,7 @@ from .backbones import DEFAULT_BACKBONE, Backbone, create_backbone
 from .distributed import Rank, from_env
 from .errors import HSLUsageError, StoreMismatchError
 from .images import DEFAULT_MAX_PIXELS, BadItem, load_image
+from .precision import Precision, resolve_precision
 from .processes import die_with_parent
 from .store import DONE, FAILED, PENDING, FeatureStore, RowPlan
 from .store_lock import writing
@@ -53,6 +54,7 @@ class ExtractOptions:
     batch_size: int = 32
     workers: int = field(default_factory=default_workers)
     device: str = "auto"
+    precision: str = "auto"  # auto: the store's own, or for a new store the fastest on the device (hsl/precision.py)
     max_pixels: int = DEFAULT_MAX_PIXELS
     columns: Columns = field(default_factory=Columns)
     limit: int | None = None  # only the first N products of the source (demos, smoke tests)
@@ -161,13 +163,26 @@ def _plan(listing_items: Sequence[SourceItem], store: FeatureStore | None,
 
 
 def _check_backbone(store: FeatureStore, options: ExtractOptions) -> None:
-    meta = store.meta
-    wanted = {"backbone": options.backbone, "grid": options.grid, "max_text_tokens": options.max_text_tokens}
+    meta = {**store.meta, "precision": store_precision(store.meta)}
+    wanted = {"backbone": options.backbone, "grid": options.grid, "max_text_tokens": options.max_text_tokens,
+              "precision": None if options.precision == "auto" else options.precision}
     for key, value in wanted.items():
         if value is not None and value != meta[key]:
             raise StoreMismatchError(
                 f"{store.path} holds {key} {meta[key]!r}, this run asks for {value!r}; "
                 f"extract into another --store, or drop the option to keep extending this one")
+
+
+def store_precision(meta: dict) -> str:
+    """The precision a store's features were extracted in (stores from before it was recorded: fp32)."""
+    return str(meta.get("precision", "fp32"))
+
+
+def extraction_precision(known: dict | None, requested: str, device: torch.device) -> Precision:
+    """An existing store keeps its precision, so that all its rows come from the same computation."""
+    if known is not None and requested == "auto":
+        requested = store_precision(known)
+    return resolve_precision(requested, device)
 
 
 def extract(source: str | os.PathLike, store_path: str | os.PathLike, options: ExtractOptions | None = None,
@@ -221,16 +236,18 @@ def extract_items(items: Sequence[SourceItem], store_path: Path, store: FeatureS
     grid = options.grid or (known["grid"] if known else None)
     tokens = options.max_text_tokens or (known["max_text_tokens"] if known else None)
     device = resolve_device(options.device)
+    precision = extraction_precision(known, options.precision, device)
     backbone = None
     if known is None:
-        backbone = create_backbone(spec, grid=grid, max_text_tokens=tokens).to(device)
-        meta = {**backbone.describe(), "hsl_version": __version__}
+        backbone = create_backbone(spec, grid=grid, max_text_tokens=tokens).to(device).use_precision(precision)
+        meta = {**backbone.describe(), "precision": precision.name, "hsl_version": __version__}
     else:
         meta = {k: v for k, v in known.items() if k not in ("schema_version", "attribute_columns")}
     rows, todo, missing = sync_store(store_path, store, meta, items, attribute_columns)
     failed: list[Rejected] = []
     if todo:  # a no-op re-run never loads the model
-        backbone = backbone or create_backbone(spec, grid=grid, max_text_tokens=tokens).to(device)
+        backbone = backbone or create_backbone(spec, grid=grid, max_text_tokens=tokens).to(device).use_precision(
+            precision)
         batches = _decoded_batches(backbone, rows, todo, options)
         # The decoding workers are forked by now: the store opens after them, so none inherits its handle.
         with FeatureStore.open(store_path, writable=True) as writable:

@@ -47,12 +47,14 @@ def index_path(store_path: str | os.PathLike, model_key: str) -> Path:
     return store_path.with_name(store_path.name + ".index") / f"{model_key}.h5"
 
 
-def is_current(path: Path, fingerprint: str) -> bool:
+def is_current(path: Path, fingerprint: str, precision: str = "fp32") -> bool:
+    """Whether the cache holds the vectors of this store state, made in `precision` (older caches: fp32)."""
     if not path.is_file():
         return False
     try:
         with h5py.File(path, "r") as f:
-            return f.attrs.get("store_fingerprint") == fingerprint and f.attrs.get("version") == INDEX_VERSION
+            return (f.attrs.get("store_fingerprint") == fingerprint and f.attrs.get("version") == INDEX_VERSION
+                    and f.attrs.get("precision", "fp32") == precision)
     except OSError:  # a damaged cache is rebuilt, never trusted
         return False
 
@@ -60,7 +62,7 @@ def is_current(path: Path, fingerprint: str) -> bool:
 @torch.no_grad()
 def build_index(store_path: str | os.PathLike, model: torch.nn.Module, model_key: str,
                 progress: Callable[[int, int], None] | None = None) -> Path:
-    """Encode every extracted product's image side and write the index vectors; return the file."""
+    """Encode every extracted product's image side (in the model's precision) and write the index vectors."""
     with FeatureStore.open(store_path) as store:
         fingerprint = store_fingerprint(store)
         products = load_products(store, region_grid=model.config.region_grid)
@@ -82,7 +84,7 @@ def build_index(store_path: str | os.PathLike, model: torch.nn.Module, model_key
                 progress(start + len(block), len(products))
         f.create_dataset("rows", data=rows.astype(np.int64))
         f.attrs.update({"version": INDEX_VERSION, "store_fingerprint": fingerprint, "model": model_key,
-                        "exact": bool(model.exact_by_inner_product)})
+                        "exact": bool(model.exact_by_inner_product), "precision": model.precision.name})
     for stale in path.parent.glob(f"{model_key}.*.faiss"):  # ANN files of the previous vectors
         stale.unlink()
     os.replace(tmp, path)

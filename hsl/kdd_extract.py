@@ -30,10 +30,12 @@ from .extract import (
     ProgressFn,
     _check_backbone,
     commit_batch,
+    extraction_precision,
     resolve_device,
     sync_store,
     text_features,
 )
+from .precision import Precision
 from .store import FAILED, FeatureStore
 
 ATTRIBUTES = ["product_id", "query_id", "class_labels"]
@@ -77,18 +79,20 @@ def extract_kdd(source: str | os.PathLike, store_path: str | os.PathLike, option
             store.close()
         raise HSLError(f"{source}: no usable rows ({len(rejected)} rejected); check the file is a KDD Cup 2020 TSV")
     encoder = None
+    precision = extraction_precision(store.meta if store else None, options.precision,
+                                     resolve_device(options.device))
     if store is None:
-        encoder = _encoder(spec, options)
+        encoder = _encoder(spec, options, precision)
         meta = {"backbone": BOXES_PREFIX + spec, "image_size": 0, "image_mean": [], "image_std": [],
                 "resize": "none: KDD Cup 2020 detector boxes", "grid": 0, "num_regions": max_boxes,
                 "image_dim": dim, "text_dim": encoder.text_dim, "max_text_tokens": encoder.max_text_tokens,
-                "box_order": "largest area first", "hsl_version": __version__}
+                "box_order": "largest area first", "precision": precision.name, "hsl_version": __version__}
     else:
         meta = {k: v for k, v in store.meta.items() if k not in ("schema_version", "attribute_columns")}
     rows, todo, _ = sync_store(store_path, store, meta, items, ATTRIBUTES, lambda item: stamps[item.id])
     failed: list[Rejected] = []
     if todo:  # a no-op re-run never loads the text model nor decodes a box
-        encoder = encoder or _encoder(spec, options)
+        encoder = encoder or _encoder(spec, options, precision)
         with FeatureStore.open(store_path, writable=True) as writable:
             failed = _write(source, writable, encoder, {rows[i].id: i for i in todo}, max_boxes, dim, options,
                             progress)
@@ -97,8 +101,9 @@ def extract_kdd(source: str | os.PathLike, store_path: str | os.PathLike, option
                          seconds=time.perf_counter() - started)
 
 
-def _encoder(spec: str, options: ExtractOptions) -> Backbone:
-    return create_text_encoder(spec, options.max_text_tokens).to(resolve_device(options.device))
+def _encoder(spec: str, options: ExtractOptions, precision: Precision) -> Backbone:
+    encoder = create_text_encoder(spec, options.max_text_tokens).to(resolve_device(options.device))
+    return encoder.use_precision(precision)
 
 
 def _list_rows(source: Path, max_boxes: int, dim: int | None, limit: int | None,

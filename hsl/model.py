@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .precision import Precision
 
 
 @dataclass
@@ -105,6 +106,14 @@ class HSLModel(nn.Module):
             self.pool_inputs = nn.ModuleList(nn.Linear(j, d) for _ in levels)
             self.image_pool = AttentionPool(d, j, config.dropout)  # one AttFlat shared by all levels, as officially
             self.image_query_heads = nn.ModuleList(nn.Linear(d, j) for _ in levels)
+        self.precision = Precision("fp32", "cpu")
+
+    def use_precision(self, precision: Precision) -> HSLModel:
+        """Run the two encoders in `precision` (autocast; weights stay float32). Their outputs, and so
+        the similarities, index and query vectors, stay float32: bf16 scores (8 bits of mantissa) would
+        tie products that float32 tells apart."""
+        self.precision = precision
+        return self
 
     @property
     def exact_by_inner_product(self) -> bool:
@@ -113,6 +122,10 @@ class HSLModel(nn.Module):
 
     def encode_image(self, regions: torch.Tensor, region_mask: torch.Tensor) -> ImageEncoding:
         """regions [B,R,Di] float, region_mask [B,R] bool (True = valid) -> per-level object/image vectors."""
+        with self.precision.autocast():
+            return self._encode_image(regions, region_mask)
+
+    def _encode_image(self, regions: torch.Tensor, region_mask: torch.Tensor) -> ImageEncoding:
         mask = region_mask.bool()
         regions = regions.masked_fill(~mask.unsqueeze(-1), 0.0)  # padding values never matter, even NaN
         padding = _attention_padding(mask)  # [B,R]
@@ -121,14 +134,18 @@ class HSLModel(nn.Module):
         for level, encoder in enumerate(self.image_levels):
             hidden = encoder(hidden, src_key_padding_mask=padding)  # [B,R,d]
             raw_objects = self.dropout(self.object_heads[level](hidden))  # [B,R,J]
-            objects.append(F.normalize(raw_objects, dim=-1))  # [B,R,J]
+            objects.append(F.normalize(raw_objects.float(), dim=-1))  # [B,R,J]
             if self.use_images:
                 pool_input = self.pool_inputs[level](F.relu(raw_objects))  # [B,R,d]
-                images.append(F.normalize(self.image_pool(pool_input, mask), dim=-1))  # [B,J]
+                images.append(F.normalize(self.image_pool(pool_input, mask).float(), dim=-1))  # [B,J]
         return ImageEncoding(objects, images, mask)
 
     def encode_text(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> TextEncoding:
         """tokens [B,T,Dt] float, token_mask [B,T] bool (True = valid) -> per-level query vectors."""
+        with self.precision.autocast():
+            return self._encode_text(tokens, token_mask)
+
+    def _encode_text(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> TextEncoding:
         mask = token_mask.bool()
         tokens = tokens.masked_fill(~mask.unsqueeze(-1), 0.0)
         padding = _attention_padding(mask)  # [B,T]
@@ -136,7 +153,7 @@ class HSLModel(nn.Module):
         object_queries, image_queries = [], []
         for level, encoder in enumerate(self.text_levels):
             hidden = encoder(hidden, src_key_padding_mask=padding)  # [B,T,d]
-            pooled = masked_mean(hidden, mask)  # [B,d] t^l
+            pooled = masked_mean(hidden.float(), mask)  # [B,d] t^l
             if self.use_objects:
                 object_queries.append(self._query(self.object_query_heads[level], pooled))  # [B,J]
             if self.use_images:
@@ -144,7 +161,7 @@ class HSLModel(nn.Module):
         return TextEncoding(object_queries, image_queries)
 
     def _query(self, head: nn.Linear, pooled: torch.Tensor) -> torch.Tensor:
-        query = self.dropout(head(pooled))  # [B,J]
+        query = self.dropout(head(pooled)).float()  # [B,J]
         return F.normalize(query, dim=-1) if self.config.normalize_query else query
 
     def object_scores(self, queries: torch.Tensor, objects: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

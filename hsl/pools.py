@@ -71,15 +71,18 @@ def random_ndcg_at_5(ranked: dict[str, list[str]], answers: dict[str, set[str]])
 
 
 def evaluate_pools(store_path: str | os.PathLike, model_dir: str | os.PathLike, answers_path: str | os.PathLike,
-                   device: str = "cpu") -> dict:
+                   device: str = "cpu", precision: str = "auto") -> dict:
     """Metrics of a model on a pool store: the official NDCG@5, R@K, MRR, mAP within each pool."""
     from .factory import load_model
     from .store import FeatureStore
 
     answers = read_answers(answers_path)  # before the model: a wrong file fails fast
+    from .precision import resolve_precision
+
     model, meta = load_model(model_dir)
     torch_device = torch.device(device)
-    model.to(torch_device)
+    resolved = resolve_precision(precision, torch_device)
+    model.to(torch_device).use_precision(resolved)
     with FeatureStore.open(store_path) as store:
         check_backbone(store, meta, str(model_dir))
         products = load_products(store, require_text=True, region_grid=model.config.region_grid)
@@ -93,4 +96,4 @@ def evaluate_pools(store_path: str | os.PathLike, model_dir: str | os.PathLike, 
     metrics["random NDCG@5"] = random_ndcg_at_5(ranked, answers)
     return {"metrics": {key: round(float(v), 6) for key, v in metrics.items()}, "queries": len(answers),
             "gallery": len(products), "split": "pools", "pools": len(ranked), "missing_pools": len(missing),
-            "unanswered_pools": sum(q not in answers for q in ranked)}
+            "unanswered_pools": sum(q not in answers for q in ranked), "precision": resolved.name}

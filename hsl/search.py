@@ -119,12 +119,14 @@ class Searcher:
     def __init__(self, store_path: str | os.PathLike, model_dir: str | os.PathLike | None = None,
                  device: str = "cpu", progress: Callable[[int, int], None] | None = None,
                  backend: str = "auto", nprobe: int = 32, ef_search: int = 128,
-                 ivfpq: IVFPQOptions | None = None) -> None:
+                 ivfpq: IVFPQOptions | None = None, precision: str = "auto") -> None:
         from .extract import resolve_device
         from .factory import load_model, model_hash
+        from .precision import resolve_precision
 
         self.store_path = Path(store_path)
         self.device = resolve_device(device)  # before any work: a missing GPU is one clear line, not a traceback
+        self.precision = resolve_precision(precision, self.device)
         with FeatureStore.open(self.store_path) as store:
             self.store_meta = dict(store.meta)
             fingerprint = store_fingerprint(store)
@@ -132,12 +134,12 @@ class Searcher:
         if model_dir is None:
             self._check_default_model()
         self.model, self.model_meta = load_model(self.model_dir)
-        self.model.to(self.device).eval()
+        self.model.to(self.device).eval().use_precision(self.precision)
         with FeatureStore.open(self.store_path) as store:
             check_backbone(store, self.model_meta, str(self.model_dir))
         self.model_key = model_hash(self.model_dir)
         path = index_path(self.store_path, self.model_key)
-        if not is_current(path, fingerprint):
+        if not is_current(path, fingerprint, self.precision.name):
             build_index(self.store_path, self.model, self.model_key, progress)
         self.index = VectorSearch(path, backend, nprobe, ef_search, ivfpq)
         self.rows = self.index.rows  # [N] store row of each index vector
@@ -162,7 +164,7 @@ class Searcher:
 
             self._text_encoder = create_text_encoder(self.store_meta["backbone"],
                                                      max_text_tokens=self.store_meta["max_text_tokens"])
-            self._text_encoder.to(self.device)
+            self._text_encoder.to(self.device).use_precision(self.precision)
         features = self._text_encoder.encode_texts([text])
         lengths = features.lengths.clamp(min=1)
         mask = torch.arange(features.tokens.shape[1], device=lengths.device)[None] < lengths[:, None]  # [1,T]

@@ -69,8 +69,9 @@ class Catalog:
 
     def __init__(self, store_path: str | os.PathLike, model_dir: str | os.PathLike | None = None, *,
                  device: str = "cpu", backend: str = "auto", progress: Callable[[int, int], None] | None = None,
-                 max_parallel: int | None = None) -> None:
-        self.searcher = _ServingSearcher(store_path, model_dir, device=device, progress=progress, backend=backend)
+                 max_parallel: int | None = None, precision: str = "auto") -> None:
+        self.searcher = _ServingSearcher(store_path, model_dir, device=device, progress=progress, backend=backend,
+                                         precision=precision)
         self.searcher.catalog = self
         rows = self.searcher.rows  # [N] store row of each index position (sorted: build_index keeps store order)
         with FeatureStore.open(store_path) as store:

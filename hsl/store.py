@@ -239,6 +239,7 @@ class FeatureStore:
             "max_text_tokens": self.meta["max_text_tokens"],
             "attribute_columns": self.meta["attribute_columns"],
             "schema_version": self.meta["schema_version"],
+            "precision": self.meta.get("precision", "fp32"),  # stores from before it was recorded: float32
             "hsl_version": self.meta.get("hsl_version", ""),
             "file_bytes": self.path.stat().st_size,
         }

@@ -1,6 +1,7 @@
 """`hsl train`: learn the HSL heads on the (title, photo) pairs of a store.
 
-Deterministic for a fixed seed on CPU: the split comes from hashed ids, each epoch's shuffle and
+Deterministic for a fixed seed on CPU, for one precision (hsl/precision.py; `auto` resolves the same
+way on the same machine): the split comes from hashed ids, each epoch's shuffle and
 dropout from (seed, epoch). After every epoch the full training state goes to `DIR/checkpoint/`
 atomically, so `--resume` after a kill continues from the last finished epoch and ends with the
 same weights as an uninterrupted run.
@@ -35,6 +36,7 @@ from .losses import LossBatch, build_losses
 from .metrics import mrr, recall_at_k
 from .model import ImageEncoding, TextEncoding
 from .objectives import build_context, encode_labels, head_parameters, heads_state, load_heads_state, save_heads
+from .precision import resolve_precision
 from .store import FeatureStore
 
 EpochFn = Callable[[dict], None]  # called after each epoch with its record
@@ -52,6 +54,7 @@ class TrainOptions:
     seed: int = 0
     device: str = "cpu"
     resume: bool = False
+    precision: str = "auto"  # of the towers' forward passes; auto: the fastest on the device (hsl/precision.py)
 
 
 def _atomic_json(path: Path, payload: dict) -> None:
@@ -114,7 +117,8 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
                             "extract more products or change --val-fraction")
     context = build_context(config, train_set, store_meta["backbone"])
     torch.manual_seed(options.seed)
-    model = create_model(config, store_meta["image_dim"], store_meta["text_dim"]).to(device)
+    precision = resolve_precision(options.precision, device)
+    model = create_model(config, store_meta["image_dim"], store_meta["text_dim"]).to(device).use_precision(precision)
     # Heads of SGML/HUSE initialise after the model, so configs without them draw exactly as before.
     losses = {name: loss.to(device) for name, loss in build_losses(model.config, context).items()}
     # Model parameters first: the optimizer's state indices of the model stay those of an HSL-only run.
@@ -126,9 +130,11 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
     lr = options.lr or settings["lr"]
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=settings.get("weight_decay", 0.0))
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=settings["lr_decay"])
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_grad_scaling)
     meta = {"backbone": store_meta["backbone"], "image_dim": store_meta["image_dim"],
-            "text_dim": store_meta["text_dim"], "hsl_version": __version__}
-    args = {**asdict(options), "epochs": epochs, "batch_size": batch_size, "lr": lr, "store": str(store_path)}
+            "text_dim": store_meta["text_dim"], "precision": precision.name, "hsl_version": __version__}
+    args = {**asdict(options), "epochs": epochs, "batch_size": batch_size, "lr": lr, "store": str(store_path),
+            "precision": precision.name}
     record = {"history": [], "best": None, "split": {k: int(len(v)) for k, v in parts.items()}}
     start_epoch = 0
     if resuming:
@@ -136,10 +142,16 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
         if state["args"]["config"] != options.config or state["args"]["seed"] != options.seed:
             raise HSLUsageError(f"{out} was trained with config {state['args']['config']} and seed "
                                 f"{state['args']['seed']}; resume with the same --config and --seed")
+        trained_in = state["args"].get("precision", "fp32")  # checkpoints from before precision was recorded
+        if trained_in != precision.name:  # another precision would not end with the same weights
+            raise HSLUsageError(f"{out} was trained in {trained_in}, this run would train in {precision.name}; "
+                                f"resume with --precision {trained_in}")
         model.load_state_dict(tensors["model"])
         load_heads_state(losses, tensors.get("objectives", {}), str(ckpt.folder))
         _load_optimizer(optimizer, tensors["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("grad_scaler"):
+            scaler.load_state_dict(state["grad_scaler"])
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
             group["lr"] = lr  # the optimizer's state above came with the initial learning rate
         record, start_epoch = state["record"], state["epoch"]
@@ -152,8 +164,8 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
     keys = train_set.title_keys()
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
-        loss = _train_epoch(towers, model, losses, params, optimizer, train_set, keys, labels, batch_size, settings,
-                            options.seed, epoch, device, me, on_step)
+        loss = _train_epoch(towers, model, losses, params, (optimizer, scaler), train_set, keys, labels, batch_size,
+                            settings, options.seed, epoch, device, me, on_step)
         scheduler.step()
         if not me.is_main:  # the other ranks only help with the gradients
             continue
@@ -172,7 +184,8 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
         if heads:
             tensors["objectives"] = heads
         ckpt.save(epoch + 1, tensors,
-                  {"epoch": epoch + 1, "scheduler": scheduler.state_dict(), "record": record, "args": args})
+                  {"epoch": epoch + 1, "scheduler": scheduler.state_dict(), "record": record, "args": args,
+                   "grad_scaler": scaler.state_dict()})  # {} unless fp16
         if on_epoch:
             on_epoch(entry)
     distributed.barrier()  # no rank leaves (and tears the group down) while rank 0 still writes
@@ -209,10 +222,12 @@ def _gather(text: TextEncoding, image: ImageEncoding, me: distributed.Rank) -> t
             ImageEncoding([rows(o) for o in image.objects], [rows(v) for v in image.images], mask))
 
 
-def _train_epoch(towers: nn.Module, model: nn.Module, losses: dict, params: list, optimizer: torch.optim.Optimizer,
-                 products: Products, keys: torch.Tensor, labels: dict[str, torch.Tensor], batch_size: int,
+def _train_epoch(towers: nn.Module, model: nn.Module, losses: dict, params: list,
+                 steppers: tuple[torch.optim.Optimizer, torch.amp.GradScaler], products: Products,
+                 keys: torch.Tensor, labels: dict[str, torch.Tensor], batch_size: int,
                  settings: dict, seed: int, epoch: int, device: torch.device, me: distributed.Rank,
                  on_step: StepFn | None) -> float:
+    optimizer, scaler = steppers
     model.train()
     # Every rank draws the same global order; dropout differs per rank (rank 0 draws as one process does).
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -232,9 +247,11 @@ def _train_epoch(towers: nn.Module, model: nn.Module, losses: dict, params: list
                           model.index_vectors(image), model.query_vectors(text))
         loss = sum(weight * losses[name](batch) for name, weight in model.config.losses.items())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()  # the scaler is a pass-through unless fp16 (Precision.needs_grad_scaling)
+        scaler.unscale_(optimizer)  # clip the true gradients
         torch.nn.utils.clip_grad_norm_(params, settings["grad_clip"])
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         total += loss.item()
         if on_step:
             on_step(step + 1, len(batches), loss.item())

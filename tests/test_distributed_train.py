@@ -74,8 +74,11 @@ def _assert_same_model(store: Path, config: Path, want_dir: Path, got_dir: Path,
 
 def test_two_processes_match_one_and_resume(shop: tuple[Path, Path], tmp_path: Path) -> None:
     store, config = shop
-    single = train(store, tmp_path / "single", TrainOptions(config=str(config), epochs=2, seed=1))
-    common = ["train", "--store", str(store), "--out", str(tmp_path / "ddp"), "--config", str(config), "--seed", "1"]
+    # float32: split batches change the shapes of the products, and bf16 rounds them differently (the losses
+    # then agree to about 1e-4, not 1e-5).
+    single = train(store, tmp_path / "single", TrainOptions(config=str(config), epochs=2, seed=1, precision="fp32"))
+    common = ["train", "--store", str(store), "--out", str(tmp_path / "ddp"), "--config", str(config), "--seed", "1",
+              "--precision", "fp32"]
     first = _torchrun(*common, "--epochs", "1", "--json")
     assert first.returncode == 0, first.stderr[-3000:]
     assert json.loads(first.stdout)["best_epoch"] == 1  # one JSON document: rank 0 alone reports

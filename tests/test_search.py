@@ -19,6 +19,7 @@ from hsl.dataset import load_products
 from hsl.errors import HSLUsageError
 from hsl.extract import ExtractOptions, extract
 from hsl.factory import create_model, save_model
+from hsl.precision import resolve_precision
 from hsl.search import Searcher
 from hsl.store import FeatureStore
 from hsl_cli.main import app
@@ -49,13 +50,16 @@ def _save_random_model(out: Path, seed: int, agg: str = "mean", granularities: t
 
 
 def _brute_force(store: Path, model_dir: Path, text: str) -> list[tuple[str, float]]:
-    """The full HSL score of the query against every product of the store, no index, no shortcut."""
+    """The full HSL score of the query against every product of the store, no index, no shortcut; in the
+    precision a Searcher picks by default, so that the two compute the same numbers."""
     from hsl.factory import load_model
 
+    precision = resolve_precision("auto", "cpu")
     model, _ = load_model(model_dir)
+    model.use_precision(precision)
     with FeatureStore.open(store) as opened:
         products = load_products(opened, region_grid=model.config.region_grid)
-    features = create_backbone("tiny").encode_texts([text])
+    features = create_backbone("tiny").use_precision(precision).encode_texts([text])
     mask = torch.arange(features.tokens.shape[1])[None] < features.lengths.clamp(min=1)[:, None]
     with torch.no_grad():
         image = model.encode_image(*products.image_batch(torch.arange(len(products)), torch.device("cpu")))

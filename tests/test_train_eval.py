@@ -35,8 +35,9 @@ def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(model_dir / "model.safetensors"))
 
 
-def test_train_writes_model_folder_and_is_deterministic(tiny_store: Path, tmp_path: Path) -> None:
-    options = TrainOptions(config="hsl-tiny", epochs=2, seed=3)
+@pytest.mark.parametrize("precision", ["auto", "fp32", "bf16"])  # auto: bf16 on CPUs with native bf16, else fp32
+def test_train_writes_model_folder_and_is_deterministic(tiny_store: Path, tmp_path: Path, precision: str) -> None:
+    options = TrainOptions(config="hsl-tiny", epochs=2, seed=3, precision=precision)
     record = train(tiny_store, tmp_path / "a", options)
     for name in ("config.json", "model.safetensors", "metrics.json", "train_args.json"):
         assert (tmp_path / "a" / name).is_file(), name
@@ -104,14 +105,17 @@ def test_cli_train_and_eval_json(tiny_store: Path, tmp_path: Path) -> None:
     assert missing.exit_code == 1 and "nope" in missing.stderr
 
 
-def test_resume_from_every_epoch_gives_the_same_weights(tiny_store: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # the default (auto) is one of the two
+def test_resume_from_every_epoch_gives_the_same_weights(tiny_store: Path, tmp_path: Path, precision: str) -> None:
     """Stopping after epoch k and resuming equals never stopping: model, Adam state and learning rate."""
-    whole = train(tiny_store, tmp_path / "whole", TrainOptions(config="hsl-tiny", epochs=4, seed=5))
+    whole = train(tiny_store, tmp_path / "whole", TrainOptions(config="hsl-tiny", epochs=4, seed=5,
+                                                               precision=precision))
     want = _weights(tmp_path / "whole")
     for k in (1, 3):
         out = tmp_path / f"stop{k}"
-        train(tiny_store, out, TrainOptions(config="hsl-tiny", epochs=k, seed=5))
-        resumed = train(tiny_store, out, TrainOptions(config="hsl-tiny", epochs=4, seed=5, resume=True))
+        train(tiny_store, out, TrainOptions(config="hsl-tiny", epochs=k, seed=5, precision=precision))
+        resumed = train(tiny_store, out, TrainOptions(config="hsl-tiny", epochs=4, seed=5, resume=True,
+                                                      precision=precision))
         got = _weights(out)
         assert all(torch.equal(got[key], want[key]) for key in want), f"resumed after epoch {k}"
         assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"]]
