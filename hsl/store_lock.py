@@ -10,6 +10,7 @@ they read a consistent store by construction (hsl/store.py).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -59,10 +60,13 @@ def _acquire(path: Path, store_path: Path, command: str) -> int:
             raise HSLError(os_error_message(OSError(exc.errno, exc.strerror, str(store_path)))) from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = _read_holder(fd)
+        except OSError as exc:
+            holder = _read_holder(fd) if exc.errno in (errno.EACCES, errno.EAGAIN) else None
             os.close(fd)
-            raise StoreInUseError(store_path, holder) from None
+            if exc.errno in (errno.EACCES, errno.EAGAIN):  # held by a live process
+                raise StoreInUseError(store_path, holder) from None
+            raise HSLError(f"{store_path}: its file system cannot lock {path.name} ({exc.strerror}); "
+                           "put the store on a file system with POSIX locks (a local disk, NFSv4)") from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
