@@ -18,6 +18,7 @@ from hsl_data.kdd import read_answers
 from .dataset import Products, check_backbone, load_products
 from .errors import HSLError
 from .metrics import summarize
+from .precision import resolve_precision
 
 _POOLS_PER_BLOCK = 64  # pools scored together: one [64, ~1900] score matrix, of which each pool keeps its part
 
@@ -77,8 +78,6 @@ def evaluate_pools(store_path: str | os.PathLike, model_dir: str | os.PathLike, 
     from .store import FeatureStore
 
     answers = read_answers(answers_path)  # before the model: a wrong file fails fast
-    from .precision import resolve_precision
-
     model, meta = load_model(model_dir)
     torch_device = torch.device(device)
     resolved = resolve_precision(precision, torch_device)
