@@ -163,7 +163,7 @@ def index(
         searcher = Searcher(store, model, device=device, progress=progress, backend=backend,
                             ivfpq=_ivfpq(nlist, pq_m, pca_dim, 400, shards), precision=precision)
     payload = {"store": str(store), "model": str(searcher.model_dir), "products": len(searcher.rows),
-               "backend": searcher.index.backend, "exact_inner_product": searcher.model.exact_by_inner_product,
+               "backend": searcher.index.backend, "exact_inner_product": searcher.config.exact_by_inner_product,
                "precision": searcher.precision.name}
     if json_output:
         print_json(payload)

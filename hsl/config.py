@@ -122,6 +122,16 @@ class ModelConfig:
     sgml: SGMLConfig | None = None  # settings of the "sgml" loss; defaults when the loss is named without them
     huse: HUSEConfig | None = None  # settings of the "huse" loss; needed when the loss is named
 
+    def index_parts(self) -> tuple[bool, bool]:
+        """Which parts (mean object vector, image vector) each level contributes to the one index vector."""
+        use_objects, use_images = "object" in self.granularities, "image" in self.granularities
+        return use_objects and (self.agg == "mean" or not use_images), use_images
+
+    @property
+    def exact_by_inner_product(self) -> bool:
+        """Whether query vector . index vector is the exact total score (else: re-rank candidates)."""
+        return self.agg == "mean" or "object" not in self.granularities
+
     def __post_init__(self) -> None:
         where = f"config {self.name!r}"
         for key in ("levels", "d_model", "heads", "ff_dim", "image_layers", "text_layers", "joint_dim", "topk"):

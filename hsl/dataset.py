@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import HSLError, StoreMismatchError
+from .errors import HSLError
 from .store import DONE, FeatureStore
 
 TEST_SALT = "hsl-test-split"  # fixed: the test split never depends on the training seed
@@ -147,12 +147,3 @@ class Split:
     def indices(self, ids: list[str]) -> dict[str, np.ndarray]:
         sides = np.array([self.side(i) for i in ids])
         return {name: np.flatnonzero(sides == name) for name in ("train", "val", "test")}
-
-
-def check_backbone(store: FeatureStore, meta: dict, model_dir: str) -> None:
-    """A model only reads features of the backbone (and sizes) it was trained on."""
-    for key in ("backbone", "image_dim", "text_dim"):
-        if key in meta and meta[key] != store.meta[key]:
-            raise StoreMismatchError(
-                f"model {model_dir} was trained on {key} {meta[key]!r}, store {store.path} has "
-                f"{store.meta[key]!r}; extract with --backbone {meta.get('backbone')} or train on this store")

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .dataset import Products, Split, check_backbone, load_products
+from .dataset import Products, Split, load_products
 from .errors import HSLError, HSLUsageError, os_error_message
 from .metrics import graded_ndcg_at_k, hierarchical_precision_at_k, mrr, summarize
+from .model_files import check_backbone
 from .precision import resolve_precision
 
 _BLOCK = 256  # queries or gallery images per block: bounds memory of the [Bq, Bi, R] object scores

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -11,12 +10,12 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig, config_from_dict, config_to_dict, list_configs, load_config
-from .errors import HSLError, HSLUsageError
+from .config import ModelConfig, config_to_dict, list_configs, load_config
+from .errors import HSLError
 from .model import HSLModel
+from .model_files import CONFIG_FILE, WEIGHTS_FILE, model_hash, read_config
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
+__all__ = ["create_model", "list_models", "load_model", "model_hash", "save_model"]
 
 
 def list_models() -> list[str]:
@@ -49,33 +48,12 @@ def save_model(model: HSLModel, out_dir: str | os.PathLike, meta: dict[str, Any]
     return out
 
 
-def _read_config(model_dir: Path) -> tuple[ModelConfig, dict[str, Any]]:
-    path = model_dir / CONFIG_FILE
-    if not path.is_file():
-        raise HSLError(f"{path} not found: a model folder holds {CONFIG_FILE} and {WEIGHTS_FILE} "
-                       "as written by `hsl train --out DIR`")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise HSLError(f"{path} is not valid JSON ({error}); restore it or train the model again") from None
-    if not isinstance(data, dict):
-        raise HSLError(f"{path} must hold a JSON object; restore it or train the model again")
-    meta = data.get("meta")
-    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) for k in ("image_dim", "text_dim")):
-        raise HSLError(f"{path} has no meta.image_dim / meta.text_dim; it was not written by save_model")
-    try:
-        config = config_from_dict(data, str(path))
-    except HSLUsageError as error:
-        raise HSLError(f"{error}; restore the file or train the model again") from None
-    return config, meta
-
-
 def load_model(model_dir: str | os.PathLike) -> tuple[HSLModel, dict[str, Any]]:
     """(model in eval mode on CPU, meta) from a folder written by save_model."""
     folder = Path(model_dir)
     if not folder.is_dir():
         raise HSLError(f"model folder {folder} not found; give the --out folder of `hsl train`")
-    config, meta = _read_config(folder)
+    config, meta = read_config(folder)
     path = folder / WEIGHTS_FILE
     if not path.is_file():
         raise HSLError(f"{path} not found; the model folder is incomplete: train the model again")
@@ -96,19 +74,3 @@ def load_model(model_dir: str | os.PathLike) -> tuple[HSLModel, dict[str, Any]]:
                        "of one training run together, or train the model again")
     model.load_state_dict(tensors)
     return model.eval(), meta
-
-
-def model_hash(model_dir: str | os.PathLike) -> str:
-    """Stable id of a saved model (sha256 of config.json + model.safetensors, 16 hex), e.g. to key caches."""
-    folder = Path(model_dir)
-    digest = hashlib.sha256()
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        path = folder / name
-        if not path.is_file():
-            raise HSLError(f"{path} not found; cannot identify the model in {folder}")
-        digest.update(name.encode())
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
-

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
-import torch
 
 from .ann import IVFPQOptions, ShardedIVFPQ, best_exact, build, read_rows
-from .dataset import load_products
 from .errors import HSLUsageError
 from .store import DONE, FeatureStore, ensure_space
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_VERSION = 1
 _BLOCK = 512
@@ -59,10 +62,21 @@ def is_current(path: Path, fingerprint: str, precision: str = "fp32") -> bool:
         return False
 
 
-@torch.no_grad()
 def build_index(store_path: str | os.PathLike, model: torch.nn.Module, model_key: str,
                 progress: Callable[[int, int], None] | None = None) -> Path:
     """Encode every extracted product's image side (in the model's precision) and write the index vectors."""
+    import torch
+
+    with torch.no_grad():
+        return _build_index(store_path, model, model_key, progress)
+
+
+def _build_index(store_path: str | os.PathLike, model: torch.nn.Module, model_key: str,
+                 progress: Callable[[int, int], None] | None) -> Path:
+    import torch
+
+    from .dataset import load_products
+
     with FeatureStore.open(store_path) as store:
         fingerprint = store_fingerprint(store)
         products = load_products(store, region_grid=model.config.region_grid)
@@ -110,9 +124,7 @@ class VectorSearch:
                        else "ivf" if n * dims <= IVFPQ_FROM_BYTES else "ivfpq")
         self.backend = backend
         self.ann = self._ivfpq(replace(ivfpq or IVFPQOptions(), nprobe=nprobe)) if backend == "ivfpq" else None
-        # torch, not numpy, for the product: mixing OpenBLAS's and torch's thread pools in one query
-        # makes them spin against each other (measured: p50 16 ms instead of 8 ms at 10k products).
-        self.matrix = torch.from_numpy(self._vectors[:]) if backend == "exact" else None  # [N,D] float32
+        self.matrix = self._vectors[:] if backend == "exact" else None  # [N,D] float32
         self.faiss_index = None if backend in ("exact", "ivfpq") else self._faiss_index(backend, nprobe, ef_search)
 
     def __len__(self) -> int:
@@ -154,7 +166,7 @@ class VectorSearch:
         if self.ann is not None:
             return self.ann.search(query, k, allowed)
         if self.matrix is not None:
-            scores = (self.matrix @ torch.from_numpy(query)).numpy()  # [N]
+            scores = _matvec(self.matrix, query)  # [N]
             if allowed is not None:
                 scores = np.where(allowed, scores, -np.inf)
             top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
@@ -182,6 +194,16 @@ class VectorSearch:
         if self.ann is not None:
             self.ann.close()
         self._h5.close()
+
+
+def _matvec(matrix: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """matrix @ query. Where torch is loaded (hsl serve, or an index built in this process), torch does
+    it: mixing OpenBLAS's and torch's thread pools in one query makes them spin against each other
+    (measured: p50 16 ms instead of 8 ms at 10k products). A cold `hsl query` never loads torch."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return (torch.from_numpy(matrix) @ torch.from_numpy(query)).numpy()
+    return matrix @ query
 
 
 def build_faiss_index(vectors: h5py.Dataset, backend: str) -> object:

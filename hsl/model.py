@@ -77,8 +77,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def index_parts(config: ModelConfig) -> tuple[bool, bool]:
     """Which parts (mean object vector, image vector) each level contributes to the one stored vector."""
-    use_objects, use_images = "object" in config.granularities, "image" in config.granularities
-    return use_objects and (config.agg == "mean" or not use_images), use_images
+    return config.index_parts()
 
 
 def index_dim(config: ModelConfig) -> int:
@@ -118,7 +117,7 @@ class HSLModel(nn.Module):
     @property
     def exact_by_inner_product(self) -> bool:
         """Whether query_vectors @ index_vectors.T is the exact total score (else: re-rank candidates)."""
-        return self.config.agg == "mean" or not self.use_objects
+        return self.config.exact_by_inner_product
 
     def encode_image(self, regions: torch.Tensor, region_mask: torch.Tensor) -> ImageEncoding:
         """regions [B,R,Di] float, region_mask [B,R] bool (True = valid) -> per-level object/image vectors."""

@@ -15,9 +15,10 @@ import torch
 
 from hsl_data.kdd import read_answers
 
-from .dataset import Products, check_backbone, load_products
+from .dataset import Products, load_products
 from .errors import HSLError
 from .metrics import summarize
+from .model_files import check_backbone
 from .precision import resolve_precision
 
 _POOLS_PER_BLOCK = 64  # pools scored together: one [64, ~1900] score matrix, of which each pool keeps its part

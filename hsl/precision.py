@@ -14,13 +14,16 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from functools import lru_cache
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import HSLUsageError
 
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported only where a forward pass needs it: a cold `hsl query` resolves its precision
+# (to know whether the cached index fits) without paying torch's 1.5 s import.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,9 @@ class Precision:
 
     @property
     def dtype(self) -> torch.dtype:
-        return _DTYPES[self.name]
+        import torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.name]
 
     @property
     def layout(self) -> str:
@@ -46,28 +51,32 @@ class Precision:
         """The context the forward passes run in: a no-op in float32."""
         if self.name == "fp32":
             return contextlib.nullcontext()
+        import torch
+
         return torch.autocast(self.device_type, dtype=self.dtype)
 
 
 @lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX tiles)."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if any(check is not None for check in checks):
-        return any(check() for check in checks if check is not None)
-    try:  # older torch: ask the kernel
+    try:  # Linux: the kernel lists the same CPUID bits torch checks, without importing torch
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
-            flags = handle.read()
+            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), None)
     except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+        flags = None
+    if flags is not None:
+        return bool({"avx512_bf16", "amx_tile"} & set(flags))
+    import torch
+
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
 
 
 def resolve_precision(requested: str, device: torch.device | str) -> Precision:
     """`auto` | `fp32` | `bf16` | `fp16` on `device` -> the Precision the forward passes use."""
     if requested not in PRECISIONS:
         raise HSLUsageError(f"unknown precision {requested!r}; use {', '.join(PRECISIONS)}")
-    device_type = torch.device(device).type
+    device_type = getattr(device, "type", None) or str(device).split(":")[0]  # torch.device or "cuda:1"
     name = requested if requested != "auto" else auto_precision(device_type)
     # NHWC feeds tensor cores without transposes; on CPU it did not pay (module docstring).
     return Precision(name, device_type, channels_last=device_type == "cuda" and name != "fp32")
@@ -76,6 +85,8 @@ def resolve_precision(requested: str, device: torch.device | str) -> Precision:
 def auto_precision(device_type: str) -> str:
     """The fastest precision measured for a device type (see the module docstring)."""
     if device_type == "cuda":
+        import torch
+
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if device_type == "cpu":
         return "bf16" if cpu_has_native_bf16() else "fp32"

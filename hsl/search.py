@@ -2,7 +2,9 @@
 
 The image side comes from the cached index (hsl/index.py). A query costs one text encoding and
 one inner product per product; with AGG = max | topk the inner product gathers candidates that
-are then re-ranked with the exact HSL score.
+are then re-ranked with the exact HSL score. With a current index, the default text tower on the
+CPU and AGG = mean, a query runs in numpy alone (hsl/query_text.py): torch, whose import is most
+of a cold start, is loaded only to build the index, re-rank, or encode with another backbone.
 """
 
 from __future__ import annotations
@@ -12,15 +14,21 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .ann import IVFPQOptions, best_exact
-from .dataset import check_backbone, load_products
 from .errors import HSLError, HSLUsageError, StoreMismatchError
 from .index import VectorSearch, build_index, index_path, is_current, store_fingerprint
+from .model_files import check_backbone, model_hash, read_config
+from .precision import resolve_precision
 from .store import FeatureStore
+
+if TYPE_CHECKING:
+    import torch
+
+    from .model import HSLModel, TextEncoding
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
 MAX_QUERY_CHARS = 1000  # far past any title; longer input is truncated with a warning
@@ -120,12 +128,8 @@ class Searcher:
                  device: str = "cpu", progress: Callable[[int, int], None] | None = None,
                  backend: str = "auto", nprobe: int = 32, ef_search: int = 128,
                  ivfpq: IVFPQOptions | None = None, precision: str = "auto") -> None:
-        from .extract import resolve_device
-        from .factory import load_model, model_hash
-        from .precision import resolve_precision
-
         self.store_path = Path(store_path)
-        self.device = resolve_device(device)  # before any work: a missing GPU is one clear line, not a traceback
+        self.device = _resolve_device(device)  # before any work: a missing GPU is one clear line, not a traceback
         self.precision = resolve_precision(precision, self.device)
         with FeatureStore.open(self.store_path) as store:
             self.store_meta = dict(store.meta)
@@ -133,18 +137,36 @@ class Searcher:
         self.model_dir = Path(model_dir) if model_dir else DEFAULT_MODEL
         if model_dir is None:
             self._check_default_model()
-        self.model, self.model_meta = load_model(self.model_dir)
-        self.model.to(self.device).eval().use_precision(self.precision)
+        self.config, self.model_meta = read_config(self.model_dir)
         with FeatureStore.open(self.store_path) as store:
             check_backbone(store, self.model_meta, str(self.model_dir))
         self.model_key = model_hash(self.model_dir)
+        self._model: HSLModel | None = None
+        self._text_encoder = None
+        self._query_text = None
+        self._attributes: AttributeFilter | None = None
         path = index_path(self.store_path, self.model_key)
         if not is_current(path, fingerprint, self.precision.name):
             build_index(self.store_path, self.model, self.model_key, progress)
         self.index = VectorSearch(path, backend, nprobe, ef_search, ivfpq)
         self.rows = self.index.rows  # [N] store row of each index vector
-        self._text_encoder = None
-        self._attributes: AttributeFilter | None = None
+
+    @property
+    def model(self) -> HSLModel:
+        """The torch model, loaded on first use (index building, re-ranking, other text backbones)."""
+        if self._model is None:
+            from .factory import load_model
+
+            self._model, _ = load_model(self.model_dir)
+            self._model.to(self.device).eval().use_precision(self.precision)
+        return self._model
+
+    @property
+    def numpy_queries(self) -> bool:
+        """Whether a query's text side runs in numpy (hsl/query_text.py) rather than torch."""
+        from .query_text import supports
+
+        return self.config.exact_by_inner_product and supports(self.store_meta["backbone"], self.device)
 
     def _check_default_model(self) -> None:
         import json
@@ -158,7 +180,23 @@ class Searcher:
                 f"the default model is for backbone {backbone!r}, store {self.store_path} was extracted with "
                 f"{self.store_meta['backbone']!r}; train a model on it with hsl train and pass --model DIR")
 
+    def query_vector(self, text: str) -> tuple[np.ndarray, TextEncoding | None]:
+        """(the query's index-space vector [D_idx] float32, its torch encoding when it was made with torch)."""
+        if self.numpy_queries:
+            if self._query_text is None:
+                from .query_text import load_query_text
+
+                self._query_text = load_query_text(self.model_dir, self.config, self.store_meta["max_text_tokens"])
+            return self._query_text(text), None
+        import torch
+
+        with torch.no_grad():
+            text_enc = self.model.encode_text(*self._encode_query(text))
+            return self.model.query_vectors(text_enc)[0].cpu().numpy(), text_enc
+
     def _encode_query(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         if self._text_encoder is None:
             from .backbones import create_text_encoder
 
@@ -168,7 +206,7 @@ class Searcher:
         features = self._text_encoder.encode_texts([text])
         lengths = features.lengths.clamp(min=1)
         mask = torch.arange(features.tokens.shape[1], device=lengths.device)[None] < lengths[:, None]  # [1,T]
-        return features.tokens, mask
+        return features.tokens.to(self.device), mask.to(self.device)
 
     def _attribute_mask(self, where: dict[str, str]) -> np.ndarray:
         if self._attributes is None:
@@ -177,31 +215,33 @@ class Searcher:
                                                     for k, v in store.attributes().items()})
         return self._attributes.mask(where)
 
-    @torch.no_grad()
     def search(self, query: str, top_k: int = 10, where: dict[str, str] | None = None) -> SearchResult:
         if top_k < 1:
             raise HSLUsageError(f"--top-k must be at least 1, got {top_k}")
         text, warnings = clean_query(query)
-        tokens, mask = self._encode_query(text)
-        text_enc = self.model.encode_text(tokens.to(self.device), mask.to(self.device))
-        q = self.model.query_vectors(text_enc)[0].cpu().numpy()  # [D]
+        q, text_enc = self.query_vector(text)
         allowed = self._attribute_mask(where) if where else None
-        exact = self.model.exact_by_inner_product  # else: inner products only gather candidates
+        exact = self.config.exact_by_inner_product  # else: inner products only gather candidates
         positions, scores = self.index.search(q, top_k if exact else max(top_k, RERANK_CANDIDATES), allowed)
         if not exact and len(positions):
             scores = self._exact_scores(text_enc, positions)
             positions, scores = best_exact(positions, scores, top_k)  # equal scores in store order
         return SearchResult(text, self._hits(positions, scores), warnings)
 
-    def _exact_scores(self, text_enc: object, candidates: np.ndarray) -> np.ndarray:
+    def _exact_scores(self, text_enc: TextEncoding, candidates: np.ndarray) -> np.ndarray:
         """Full HSL scores (any AGG) for a few candidate products, from their stored regions."""
+        import torch
+
+        from .dataset import load_products
+
         rows = self.rows[candidates]
         order = np.argsort(rows)
         with FeatureStore.open(self.store_path) as store:
-            products = load_products(store, region_grid=self.model.config.region_grid, rows=rows[order])
-        image = self.model.encode_image(*products.image_batch(torch.arange(len(products)), self.device))
+            products = load_products(store, region_grid=self.config.region_grid, rows=rows[order])
         exact = np.empty(len(rows), dtype=np.float32)
-        exact[order] = self.model.similarities(text_enc, image)["total"][0].cpu().numpy()
+        with torch.no_grad():
+            image = self.model.encode_image(*products.image_batch(torch.arange(len(products)), self.device))
+            exact[order] = self.model.similarities(text_enc, image)["total"][0].cpu().numpy()
         return exact
 
     def _hits(self, positions: np.ndarray, scores: np.ndarray) -> list[Hit]:
@@ -212,3 +252,12 @@ class Searcher:
                 hits.append(Hit(rank=rank, id=fields["id"], score=float(score), image=fields["image"],
                                 text=fields["text"], attributes=fields["attributes"]))
         return hits
+
+
+def _resolve_device(device: str) -> str:
+    """`cpu` needs no torch; anything else (auto, cuda[:N]) is checked by torch, then named as a string."""
+    if device == "cpu":
+        return device
+    from .extract import resolve_device
+
+    return str(resolve_device(device))

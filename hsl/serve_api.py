@@ -143,7 +143,7 @@ def create_app(catalog: Catalog) -> FastAPI:
     async def health() -> HealthOut:
         searcher = catalog.searcher
         return HealthOut(status="ok", products=len(catalog), model=searcher.model_dir.name,
-                         backend=searcher.index.backend, exact_inner_product=searcher.model.exact_by_inner_product)
+                         backend=searcher.index.backend, exact_inner_product=searcher.config.exact_by_inner_product)
 
     @app.get("/filters", response_model=list[FilterOut])
     async def filters() -> list[FilterOut]:

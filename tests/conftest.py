@@ -90,24 +90,28 @@ def assert_same_store(a: Path, b: Path) -> None:
         np.testing.assert_allclose(got[name], want[name], atol=2e-3)
 
 
-def synthetic_store(path: Path, n: int, seed: int = 0, prefix: str = "s") -> None:
-    """A store of n products with random tiny-backbone features, without any photos."""
+def synthetic_store(path: Path, n: int, seed: int = 0, prefix: str = "s", backbone: str = "tiny") -> None:
+    """A store of n products with random features, without any photos: the tiny backbone's sizes, or
+    (backbone="minilm-effnet") the default preset's, named as if that preset had extracted them."""
     from hsl.backbones import create_backbone
     from hsl.store import DONE, FeatureStore, RowPlan
 
     meta = {**create_backbone("tiny").describe(), "hsl_version": "test"}
+    if backbone == "minilm-effnet":
+        meta.update(backbone=backbone, image_dim=1280, text_dim=384, max_text_tokens=32)
     rows = [RowPlan(f"{prefix}{i}", f"/nowhere/{prefix}{i}.jpg", f"synthetic product {i}", {"kind": f"k{i % 7}"},
                     1, 1) for i in range(n)]
     FeatureStore.build(path, meta, rows, ["kind"])
     rng = np.random.default_rng(seed)
+    d, r, t, dt = meta["image_dim"], meta["num_regions"], meta["max_text_tokens"], meta["text_dim"]
     with FeatureStore.open(path, writable=True) as store:
         index = np.arange(n)
         store.write_features(index, {
-            "image_global": rng.standard_normal((n, 32)).astype(np.float16),
-            "regions": rng.standard_normal((n, 16, 32)).astype(np.float16),
-            "region_mask": np.ones((n, 16), np.uint8),
-            "text_tokens": rng.standard_normal((n, 16, 24)).astype(np.float16),
-            "text_lengths": np.full(n, 3, np.int32), "text_sentence": np.zeros((n, 24), np.float16)})
+            "image_global": rng.standard_normal((n, d)).astype(np.float16),
+            "regions": rng.standard_normal((n, r, d)).astype(np.float16),
+            "region_mask": np.ones((n, r), np.uint8),
+            "text_tokens": rng.standard_normal((n, t, dt)).astype(np.float16),
+            "text_lengths": np.full(n, 3, np.int32), "text_sentence": np.zeros((n, dt), np.float16)})
         store.set_column("status", index, DONE)
 
 

@@ -79,13 +79,14 @@ def test_model_and_index_record_their_precision(tmp_path: Path) -> None:
     fp32 = Searcher(store, out, precision="fp32")
     with h5py.File(fp32.index.path, "r") as f:
         assert f.attrs["precision"] == "fp32"
-    fp32_vectors = fp32.index.matrix.clone()
+    fp32_vectors = torch.from_numpy(fp32.index.matrix.copy())
     bf16 = Searcher(store, out, precision="bf16")  # another precision: the cache is rebuilt, not trusted
     with h5py.File(bf16.index.path, "r") as f:
         assert f.attrs["precision"] == "bf16"
-    assert bf16.index.matrix.dtype == torch.float32  # vectors stay float32 whatever the forward ran in
-    assert not torch.equal(fp32_vectors, bf16.index.matrix)
-    assert F.cosine_similarity(fp32_vectors, bf16.index.matrix, dim=-1).min() > 0.99
+    bf16_vectors = torch.from_numpy(bf16.index.matrix)
+    assert bf16_vectors.dtype == torch.float32  # vectors stay float32 whatever the forward ran in
+    assert not torch.equal(fp32_vectors, bf16_vectors)
+    assert F.cosine_similarity(fp32_vectors, bf16_vectors, dim=-1).min() > 0.99
 
 
 def test_cli_precision_option(tmp_path: Path) -> None:

@@ -1,0 +1,69 @@
+"""A model folder read without torch: its config, its id, and whether it fits a store.
+
+`hsl query` needs only these (and the weights as numpy, hsl/query_text.py) when the index is
+current, so a cold query never imports torch; hsl/factory.py builds the torch model from the same
+files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .config import ModelConfig, config_from_dict
+from .errors import HSLError, HSLUsageError, StoreMismatchError
+from .store import FeatureStore
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def read_config(model_dir: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """(config, meta) of a folder written by save_model, read without loading the weights."""
+    if not model_dir.is_dir():
+        raise HSLError(f"model folder {model_dir} not found; give the --out folder of `hsl train`")
+    path = model_dir / CONFIG_FILE
+    if not path.is_file():
+        raise HSLError(f"{path} not found: a model folder holds {CONFIG_FILE} and {WEIGHTS_FILE} "
+                       "as written by `hsl train --out DIR`")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise HSLError(f"{path} is not valid JSON ({error}); restore it or train the model again") from None
+    if not isinstance(data, dict):
+        raise HSLError(f"{path} must hold a JSON object; restore it or train the model again")
+    meta = data.get("meta")
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) for k in ("image_dim", "text_dim")):
+        raise HSLError(f"{path} has no meta.image_dim / meta.text_dim; it was not written by save_model")
+    try:
+        config = config_from_dict(data, str(path))
+    except HSLUsageError as error:
+        raise HSLError(f"{error}; restore the file or train the model again") from None
+    return config, meta
+
+
+def model_hash(model_dir: str | os.PathLike) -> str:
+    """Stable id of a saved model (sha256 of config.json + model.safetensors, 16 hex), e.g. to key caches."""
+    folder = Path(model_dir)
+    digest = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        path = folder / name
+        if not path.is_file():
+            raise HSLError(f"{path} not found; cannot identify the model in {folder}")
+        digest.update(name.encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def check_backbone(store: FeatureStore, meta: dict, model_dir: str) -> None:
+    """A model only reads features of the backbone (and sizes) it was trained on."""
+    for key in ("backbone", "image_dim", "text_dim"):
+        if key in meta and meta[key] != store.meta[key]:
+            raise StoreMismatchError(
+                f"model {model_dir} was trained on {key} {meta[key]!r}, store {store.path} has "
+                f"{store.meta[key]!r}; extract with --backbone {meta.get('backbone')} or train on this store")
