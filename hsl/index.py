@@ -1,108 +1,31 @@
-"""The image side of HSL, computed once per (store, model) and cached beside the store.
+"""Maximum inner product over the index vectors that hsl/index_cache.py keeps beside the store.
 
-With AGG = mean, HSL ranking is one maximum-inner-product search over one vector per product
-(DESIGN.md §2): the cache holds those vectors. The file is rebuilt when the model or the store's
-rows change, written to a temporary name and atomically renamed, so a killed `hsl index` never
-leaves a half-written cache that a query would trust.
+`exact` multiplies the float32 vectors in RAM; `flat`, `ivf` and `hnsw` are faiss indexes and
+`ivfpq` the sharded IVF-PQ of hsl/ann.py, each saved next to the cache under the cache's
+generation, and candidates of the approximate ones are re-scored exactly from the vectors on disk.
+When the cache was updated in place, the IVF file of the previous generation is updated with the
+positions that changed (remove + add); the other ANN kinds are built again.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 
 from .ann import IVFPQOptions, ShardedIVFPQ, best_exact, build, read_rows
 from .errors import HSLUsageError
-from .store import DONE, FeatureStore, ensure_space
 
-if TYPE_CHECKING:
-    import torch
-
-INDEX_VERSION = 1
-_BLOCK = 512
 BACKENDS = ("auto", "exact", "flat", "ivf", "hnsw", "ivfpq")
 EXACT_LIMIT_BYTES = 1 << 30  # "auto": exact in-RAM matrix product while the float32 vectors fit in 1 GB
 # "auto": ivfpq (64 B of code per product) once ivf's 8-bit codes (1 B per dimension) would pass 4 GB,
 # about 4M products of the default 1,024 dimensions (docs/scaling.md).
 IVFPQ_FROM_BYTES = 4 << 30
 RERANK_POOL = 200  # approximate backends: candidates re-scored exactly from the float32 vectors
-
-
-def store_fingerprint(store: FeatureStore) -> str:
-    """Changes whenever a row is added, re-extracted or finished (cheap: numeric columns only)."""
-    digest = hashlib.sha256()
-    for name in ("status", "file_size", "file_mtime_ns"):
-        digest.update(np.ascontiguousarray(store.column(name)).tobytes())
-    digest.update(str(len(store)).encode())
-    return digest.hexdigest()[:16]
-
-
-def index_path(store_path: str | os.PathLike, model_key: str) -> Path:
-    store_path = Path(store_path)
-    return store_path.with_name(store_path.name + ".index") / f"{model_key}.h5"
-
-
-def is_current(path: Path, fingerprint: str, precision: str = "fp32") -> bool:
-    """Whether the cache holds the vectors of this store state, made in `precision` (older caches: fp32)."""
-    if not path.is_file():
-        return False
-    try:
-        with h5py.File(path, "r") as f:
-            return (f.attrs.get("store_fingerprint") == fingerprint and f.attrs.get("version") == INDEX_VERSION
-                    and f.attrs.get("precision", "fp32") == precision)
-    except OSError:  # a damaged cache is rebuilt, never trusted
-        return False
-
-
-def build_index(store_path: str | os.PathLike, model: torch.nn.Module, model_key: str,
-                progress: Callable[[int, int], None] | None = None) -> Path:
-    """Encode every extracted product's image side (in the model's precision) and write the index vectors."""
-    import torch
-
-    with torch.no_grad():
-        return _build_index(store_path, model, model_key, progress)
-
-
-def _build_index(store_path: str | os.PathLike, model: torch.nn.Module, model_key: str,
-                 progress: Callable[[int, int], None] | None) -> Path:
-    import torch
-
-    from .dataset import load_products
-
-    with FeatureStore.open(store_path) as store:
-        fingerprint = store_fingerprint(store)
-        products = load_products(store, region_grid=model.config.region_grid)
-        rows = np.flatnonzero(store.column("status") == DONE)
-    path = index_path(store_path, model_key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    model.eval()
-    device = next(model.parameters()).device
-    dims = model.index_vectors(model.encode_image(*products.image_batch(torch.arange(1), device))).shape[1]
-    ensure_space(tmp, len(products) * (dims * 4 + 8) + (1 << 20), "queries keep using the old index, if any")
-    with h5py.File(tmp, "w") as f:
-        vectors = f.create_dataset("vectors", (len(products), dims), dtype="f4")
-        for start in range(0, len(products), _BLOCK):
-            index = torch.arange(start, min(start + _BLOCK, len(products)))
-            block = model.index_vectors(model.encode_image(*products.image_batch(index, device))).cpu().numpy()
-            vectors[start:start + len(block)] = block
-            if progress:
-                progress(start + len(block), len(products))
-        f.create_dataset("rows", data=rows.astype(np.int64))
-        f.attrs.update({"version": INDEX_VERSION, "store_fingerprint": fingerprint, "model": model_key,
-                        "exact": bool(model.exact_by_inner_product), "precision": model.precision.name})
-    for stale in path.parent.glob(f"{model_key}.*.faiss"):  # ANN files of the previous vectors
-        stale.unlink()
-    os.replace(tmp, path)
-    return path
 
 
 class VectorSearch:
@@ -117,7 +40,9 @@ class VectorSearch:
         self.path = path
         self._h5 = h5py.File(path, "r")
         self._vectors = self._h5["vectors"]
-        self.rows = self._h5["rows"][:]
+        self.rows = self._h5["rows"][:]  # [N] store row of each position; -1: dropped by an update
+        self.generation = int(self._h5.attrs.get("generation", 0))
+        self.live = None if (self.rows >= 0).all() else self.rows >= 0  # None: every position is a product
         n, dims = self._vectors.shape
         if backend == "auto":
             backend = ("exact" if n * dims * 4 <= EXACT_LIMIT_BYTES
@@ -136,7 +61,7 @@ class VectorSearch:
 
     def _ivfpq(self, opts: IVFPQOptions) -> ShardedIVFPQ:
         opts = opts.resolved(*self._vectors.shape)
-        files = [self.path.with_name(f"{self.path.stem}.{opts.tag()}.{i}.faiss") for i in range(opts.shards)]
+        files = [self._ann_file(f"{opts.tag()}.{i}") for i in range(opts.shards)]
         if not all(file.is_file() for file in files):
             build(self._vectors, opts, files)
         return ShardedIVFPQ(self._vectors, files, opts.nprobe, opts.rerank)
@@ -144,22 +69,47 @@ class VectorSearch:
     def _faiss_index(self, backend: str, nprobe: int, ef_search: int) -> object:
         import faiss
 
-        file = self.path.with_name(f"{self.path.stem}.{backend}.faiss")
-        if file.is_file():  # IVF lists are memory-mapped: a query touches only the lists it probes
-            index = faiss.read_index(str(file), faiss.IO_FLAG_MMAP if backend == "ivf" else 0)
-        else:
-            index = build_faiss_index(self._vectors, backend)
+        file = self._ann_file(backend)
+        if not file.is_file():
+            previous = self._ann_file(backend, self.generation - 1)
+            if backend == "ivf" and previous.is_file() and "touched" in self._h5:
+                index = self._updated_ivf(faiss.read_index(str(previous)))  # work in proportion to the change
+            else:
+                index = build_faiss_index(self._vectors, backend, self.live)
             tmp = file.with_name(file.name + ".tmp")
             faiss.write_index(index, str(tmp))
             os.replace(tmp, file)  # a killed build leaves no file a query would trust
+            for stale in self.path.parent.glob(f"{self.path.stem}.g*.{backend}.faiss"):
+                if stale != file:
+                    stale.unlink()
+        # IVF lists are memory-mapped: a query touches only the lists it probes
+        index = faiss.read_index(str(file), faiss.IO_FLAG_MMAP if backend == "ivf" else 0)
         if backend == "ivf":
             index.nprobe = nprobe
         elif backend == "hnsw":
             index.hnsw.efSearch = ef_search
         return index
 
+    def _ann_file(self, kind: str, generation: int | None = None) -> Path:
+        """The ANN file of `kind` made from the vectors of one generation of the cache."""
+        generation = self.generation if generation is None else generation
+        return self.path.with_name(f"{self.path.stem}.g{generation}.{kind}.faiss")
+
+    def _updated_ivf(self, index: object) -> object:
+        """The previous generation's IVF index with the positions the cache update touched re-added."""
+        import faiss
+
+        touched = self._h5["touched"][:]
+        index.remove_ids(faiss.IDSelectorBatch(touched))
+        touched = touched[self.rows[touched] >= 0]
+        if len(touched):
+            index.add_with_ids(read_rows(self._vectors, touched), touched)
+        return index
+
     def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(positions into self.rows, inner products) of the k best, best first; `allowed` [N] bool filters."""
+        if self.live is not None and self.backend != "ivf":  # dropped positions are never results (IVF: not in it)
+            allowed = self.live if allowed is None else allowed & self.live
         k = min(k, len(self.rows) if allowed is None else int(allowed.sum()))
         if k <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
@@ -206,8 +156,9 @@ def _matvec(matrix: np.ndarray, query: np.ndarray) -> np.ndarray:
     return matrix @ query
 
 
-def build_faiss_index(vectors: h5py.Dataset, backend: str) -> object:
-    """faiss index over the stored vectors, added block by block (never all float32 vectors at once)."""
+def build_faiss_index(vectors: h5py.Dataset, backend: str, live: np.ndarray | None = None) -> object:
+    """faiss index over the stored vectors, added block by block (never all float32 vectors at once).
+    IVF holds only the `live` positions (ids = positions), so it needs no filter for dropped ones."""
     import faiss
 
     n, dims = vectors.shape
@@ -225,5 +176,11 @@ def build_faiss_index(vectors: h5py.Dataset, backend: str) -> object:
         sample = np.sort(np.random.default_rng(0).choice(n, size=min(n, 64 * 1024), replace=False))
         index.train(vectors[sample])
     for start in range(0, n, 65536):
-        index.add(vectors[start:start + 65536])
+        block = vectors[start:start + 65536]
+        if backend != "ivf":
+            index.add(block)
+            continue
+        ids = np.arange(start, start + len(block), dtype=np.int64)
+        keep = slice(None) if live is None else live[start:start + len(block)]
+        index.add_with_ids(block[keep], ids[keep])
     return index

@@ -20,7 +20,8 @@ import numpy as np
 
 from .ann import IVFPQOptions, best_exact
 from .errors import HSLError, HSLUsageError, StoreMismatchError
-from .index import VectorSearch, build_index, index_path, is_current, store_fingerprint
+from .index import VectorSearch
+from .index_cache import refresh_index
 from .model_files import check_backbone, model_hash, read_config
 from .precision import resolve_precision
 from .store import FeatureStore
@@ -133,7 +134,6 @@ class Searcher:
         self.precision = resolve_precision(precision, self.device)
         with FeatureStore.open(self.store_path) as store:
             self.store_meta = dict(store.meta)
-            fingerprint = store_fingerprint(store)
         self.model_dir = Path(model_dir) if model_dir else DEFAULT_MODEL
         if model_dir is None:
             self._check_default_model()
@@ -145,11 +145,9 @@ class Searcher:
         self._text_encoder = None
         self._query_text = None
         self._attributes: AttributeFilter | None = None
-        path = index_path(self.store_path, self.model_key)
-        if not is_current(path, fingerprint, self.precision.name):
-            build_index(self.store_path, self.model, self.model_key, progress)
+        path = refresh_index(self.store_path, lambda: self.model, self.model_key, self.precision.name, progress)
         self.index = VectorSearch(path, backend, nprobe, ef_search, ivfpq)
-        self.rows = self.index.rows  # [N] store row of each index vector
+        self.rows = self.index.rows  # [N] store row of each index vector (-1: dropped, never a result)
 
     @property
     def model(self) -> HSLModel:
@@ -211,8 +209,8 @@ class Searcher:
     def _attribute_mask(self, where: dict[str, str]) -> np.ndarray:
         if self._attributes is None:
             with FeatureStore.open(self.store_path) as store:
-                self._attributes = AttributeFilter({k: np.array(v, dtype=object)[self.rows]
-                                                    for k, v in store.attributes().items()})
+                self._attributes = AttributeFilter({k: np.array(v, dtype=object)
+                                                    for k, v in store.attributes(self.rows).items()})
         return self._attributes.mask(where)
 
     def search(self, query: str, top_k: int = 10, where: dict[str, str] | None = None) -> SearchResult:

@@ -82,7 +82,7 @@ class Catalog:
             attributes = store.attributes(rows)
         self._filter = AttributeFilter({c: np.array(v, dtype=object) for c, v in attributes.items()})
         self._values = self._filter.values  # {column: [N] value of each index position}
-        self._position = {pid: i for i, pid in enumerate(self.ids)}
+        self._position = {pid: i for i, pid in enumerate(self.ids) if pid}  # "": a position an update dropped
         # Searches running at once: each torch op already spreads over torch's threads, so more searches
         # than cores / threads only contend (bench/serve.py: same requests/s, higher p95). 0: no cap.
         if max_parallel is None:

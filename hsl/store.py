@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +23,13 @@ import numpy as np
 
 from .errors import HSLError, StoreInUseError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: regions and title tokens as int8 codes with a float16 scale per vector
+READABLE_SCHEMAS = (1, 2)  # schema 1 (float16 everywhere) is read, extended and merged as it is
+QUANTIZED = {"regions": "region_scale", "text_tokens": "token_scale"}  # schema 2: codes -> their scales
 PENDING, DONE, FAILED = 0, 1, 2
 _COPY_BLOCK = 1024  # rows per block when copying features into a rebuilt file
 _STRINGS = ("ids", "images", "texts")
+FEATURES = ("image_global", "regions", "region_mask", "text_tokens", "text_lengths", "text_sentence")
 
 
 @dataclass
@@ -53,17 +56,41 @@ class RowCopy:
 
 def _feature_shapes(meta: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     r, di, dt, t = meta["num_regions"], meta["image_dim"], meta["text_dim"], meta["max_text_tokens"]
-    return {
+    codes = "i1" if schema_of(meta) >= 2 else "f2"
+    shapes = {
         "image_global": ((di,), "f2"),
-        "regions": ((r, di), "f2"),
+        "regions": ((r, di), codes),
         "region_mask": ((r,), "u1"),
-        "text_tokens": ((t, dt), "f2"),
+        "text_tokens": ((t, dt), codes),
         "text_lengths": ((), "i4"),
         "text_sentence": ((dt,), "f2"),
         "file_size": ((), "i8"),
         "file_mtime_ns": ((), "i8"),
         "status": ((), "u1"),
     }
+    if schema_of(meta) >= 2:
+        shapes.update(region_scale=((r,), "f2"), token_scale=((t,), "f2"))
+    return shapes
+
+
+def schema_of(meta: dict) -> int:
+    """The layout a store (or a store about to be built from `meta`) has; new stores get the newest."""
+    return int(meta.get("schema_version", SCHEMA_VERSION))
+
+
+def quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[..., D] float -> (int8 codes [..., D], float16 scale [...]): symmetric, one scale per vector, so
+    each value is off by at most half a step of its vector's largest |value| / 127 (under 0.4 %)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    scale = (np.abs(vectors).max(axis=-1) / 127.0).astype(np.float16)  # rounded first: codes use the stored scale
+    step = scale.astype(np.float32)[..., None]
+    codes = np.divide(vectors, step, out=np.zeros_like(vectors), where=step > 0)
+    return np.clip(np.rint(codes), -127, 127).astype(np.int8), scale
+
+
+def dequantize(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """int8 codes [..., D] and their scales [...] -> float16 [..., D] (what schema 1 stored)."""
+    return (codes.astype(np.float32) * scale.astype(np.float32)[..., None]).astype(np.float16)
 
 
 def _preallocated(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: str) -> h5py.Dataset:
@@ -134,7 +161,7 @@ class FeatureStore:
         f = h5py.File(tmp, "w")
         try:
             f.attrs.update({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in meta.items()})
-            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["schema_version"] = schema_of(meta)
             f.attrs["attribute_columns"] = json.dumps(attribute_columns)
             text = h5py.string_dtype()
             for name, values in zip(_STRINGS, ([r.id for r in rows], [r.image for r in rows],
@@ -145,10 +172,9 @@ class FeatureStore:
                 group.create_dataset(column, data=np.array([r.attributes.get(column, "") for r in rows],
                                                            dtype=object), dtype=text)
             for name, (shape, dtype) in _feature_shapes(meta).items():
-                ds = _preallocated(f, name, (n, *shape), dtype)
-                for copy in copies:
-                    for src, dst, count in _runs(copy.src, copy.dst):
-                        ds[dst:dst + count] = copy.source._f[name][src:src + count]
+                _preallocated(f, name, (n, *shape), dtype)
+            for copy in copies:
+                _copy_features(copy, f, meta)
             f["status"][:] = np.array([r.status for r in rows], dtype=np.uint8)
             f["file_size"][:] = np.array([r.size for r in rows], dtype=np.int64)
             f["file_mtime_ns"][:] = np.array([r.mtime_ns for r in rows], dtype=np.int64)
@@ -188,24 +214,48 @@ class FeatureStore:
         """A whole numeric dataset (status, file_size, ...) as numpy."""
         return self._f[name][:]
 
-    def read_features(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Feature arrays for the given (sorted) row indices."""
+    def read_features(self, rows: np.ndarray, names: Sequence[str] = FEATURES) -> dict[str, np.ndarray]:
+        """Feature arrays (float16 vectors, whatever the schema stores) for the given sorted row indices."""
         rows = np.asarray(rows, dtype=np.int64)
-        names = ("image_global", "regions", "region_mask", "text_tokens", "text_lengths", "text_sentence")
+        if len(rows) == 0:
+            return {name: self._raw(name, 0, 0) for name in names}
+        # Contiguous reads, then pick (h5py's per-row fancy indexing is slow), one per group of nearby
+        # rows: scattered rows (search candidates, a training sample) never read the store's whole span.
+        groups = _nearby_groups(rows)
         out = {}
         for name in names:
-            ds = self._f[name]
-            if len(rows) == 0:
-                out[name] = np.zeros((0, *ds.shape[1:]), ds.dtype)
-            else:  # one contiguous read, then pick: h5py's per-row fancy indexing is slow
-                first, last = int(rows[0]), int(rows[-1])
-                out[name] = ds[first:last + 1][rows - first]
+            parts = [self._raw(name, int(rows[a]), int(rows[b - 1]) + 1)[rows[a:b] - rows[a]] for a, b in groups]
+            out[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return out
+
+    def read_block(self, start: int, stop: int, names: Sequence[str] = FEATURES) -> dict[str, np.ndarray]:
+        """Rows start..stop-1 of the named features, as read_features gives them: the way to walk a
+        store larger than memory (`blocks`), one contiguous read per dataset."""
+        return {name: self._raw(name, start, stop) for name in names}
+
+    def blocks(self, rows: np.ndarray, names: Sequence[str] = FEATURES,
+               block: int = 4096) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """(rows of the block, their features) over sorted `rows`, `block` rows at a time: memory stays
+        at one block whatever the store's size."""
+        rows = np.asarray(rows, dtype=np.int64)
+        for start in range(0, len(rows), block):
+            part = rows[start:start + block]
+            yield part, self.read_features(part, names)
+
+    def _raw(self, name: str, start: int, stop: int) -> np.ndarray:
+        if name in QUANTIZED and self.schema >= 2:
+            return dequantize(self._f[name][start:stop], self._f[QUANTIZED[name]][start:stop])
+        return self._f[name][start:stop]
+
+    @property
+    def schema(self) -> int:
+        return schema_of(self.meta)
 
     # -- writing in place ---------------------------------------------------------------------------
     def write_features(self, rows: np.ndarray, features: dict[str, np.ndarray]) -> None:
-        """Overwrite the feature datasets at `rows` (sorted); callers set status afterwards."""
-        for name, values in features.items():
+        """Overwrite the feature datasets at `rows` (sorted) with float vectors (quantized here where
+        the schema stores codes); callers set status afterwards."""
+        for name, values in _encoded(features, self.schema).items():
             _write_rows(self._f[name], rows, values)
 
     def set_column(self, name: str, rows: np.ndarray, values: np.ndarray | int) -> None:
@@ -243,6 +293,45 @@ class FeatureStore:
             "hsl_version": self.meta.get("hsl_version", ""),
             "file_bytes": self.path.stat().st_size,
         }
+
+
+def _nearby_groups(rows: np.ndarray, slack: int = 64) -> list[tuple[int, int]]:
+    """[a, b) slices of sorted `rows` whose span is at most 4x their count + `slack` rows: a read of the
+    span costs at most about 4x the rows it returns."""
+    groups, start = [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] - rows[start] + 1 > 4 * (i - start + 1) + slack:
+            groups.append((start, i))
+            start = i
+    return groups
+
+
+def _encoded(features: dict[str, np.ndarray], schema: int) -> dict[str, np.ndarray]:
+    """Features as the datasets of `schema` hold them: vectors -> int8 codes + scales in schema 2."""
+    if schema < 2:
+        return features
+    out = dict(features)
+    for name, scale_name in QUANTIZED.items():
+        if name in out:
+            out[name], out[scale_name] = quantize(out[name])
+    return out
+
+
+def _copy_features(copy: RowCopy, f: h5py.File, meta: dict) -> None:
+    """A copy's rows into the new file: bytes as they are when the layouts agree, else decoded and
+    encoded again (a schema 1 store that a run extends becomes schema 2)."""
+    source = copy.source
+    same = source.schema == schema_of(meta)
+    names = list(_feature_shapes(meta)) if same else [*FEATURES, "file_size", "file_mtime_ns", "status"]
+    for src, dst, count in _runs(copy.src, copy.dst):
+        if same:
+            for name in names:
+                f[name][dst:dst + count] = source._f[name][src:src + count]
+            continue
+        block = {**source.read_block(src, src + count),
+                 **{name: source._f[name][src:src + count] for name in ("file_size", "file_mtime_ns", "status")}}
+        for name, values in _encoded(block, schema_of(meta)).items():
+            f[name][dst:dst + count] = values
 
 
 def _runs(src: np.ndarray, dst: np.ndarray) -> list[tuple[int, int, int]]:
@@ -301,14 +390,21 @@ def _abandon(f: h5py.File) -> None:
 
 
 def _pick_strings(ds: h5py.Dataset, rows: np.ndarray | None) -> list[str]:
+    """All strings, or those of `rows` in the order given ("" for a row of -1: a dropped index position)."""
     text = ds.asstr()
     if rows is None:
         return list(text[:])
     rows = np.asarray(rows, dtype=np.int64)
-    if len(rows) > ds.shape[0] // 10:  # most rows: one read, then pick (h5py point selection is slow)
-        everything = text[:]
-        return [everything[i] for i in rows]
-    return list(text[rows]) if len(rows) else []
+    wanted, back = np.unique(rows[rows >= 0], return_inverse=True)  # h5py reads increasing rows only
+    if len(wanted) > ds.shape[0] // 10:  # most rows: one read, then pick (h5py point selection is slow)
+        found = text[:][wanted]
+    else:
+        found = text[wanted] if len(wanted) else []
+    out = [""] * len(rows)
+    for i, value in zip(np.flatnonzero(rows >= 0).tolist(), np.asarray(found, dtype=object)[back].tolist(),
+                        strict=True):
+        out[i] = value
+    return out
 
 
 def _write_rows(ds: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> None:
@@ -346,7 +442,8 @@ def _damaged(path: Path, why: str) -> HSLError:
 def _read_meta(path: Path, handle: h5py.File) -> dict:
     try:
         attrs = dict(handle.attrs)
-        present = [name for name in _REQUIRED if name in handle and handle[name].shape is not None]
+        required = _REQUIRED + (tuple(QUANTIZED.values()) if int(attrs.get("schema_version", 1)) >= 2 else ())
+        present = [name for name in required if name in handle and handle[name].shape is not None]
     except (KeyError, OSError, ValueError, RuntimeError) as exc:  # h5py's words for a damaged file
         handle.close()
         raise _damaged(path, _short(exc)) from None
@@ -354,13 +451,14 @@ def _read_meta(path: Path, handle: h5py.File) -> dict:
     if version is None or "ids" not in present:
         handle.close()
         raise HSLError(f"{path}: an HDF5 file but not an hsl store (no schema_version); give another --store")
-    if int(version) != SCHEMA_VERSION:
+    if int(version) not in READABLE_SCHEMAS:
         handle.close()
-        raise HSLError(f"{path}: written by another version of hsl (store schema {version}; this hsl reads "
-                       f"{SCHEMA_VERSION}); use the hsl version that wrote it, or extract into a new --store")
-    if len(present) != len(_REQUIRED):
+        raise HSLError(f"{path}: written by a newer version of hsl (store schema {version}; this hsl reads "
+                       f"{', '.join(map(str, READABLE_SCHEMAS))}); upgrade hsl (pip install -U hsl-retrieval), "
+                       "or extract into a new --store")
+    if len(present) != len(required):
         handle.close()
-        missing = sorted(set(_REQUIRED) - set(present))
+        missing = sorted(set(required) - set(present))
         raise _damaged(path, f"no {', '.join(missing)}")
     meta = {}
     for key, value in attrs.items():

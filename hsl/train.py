@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -28,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import __version__, distributed
 from .checkpoint import Checkpoint
 from .config import load_config
-from .dataset import Products, Split, load_products
+from .dataset import Products, Split, feature_bytes, load_products
 from .errors import HSLError, HSLUsageError
 from .evaluate import rank_products
 from .factory import create_model, save_model
@@ -55,6 +56,8 @@ class TrainOptions:
     device: str = "cpu"
     resume: bool = False
     precision: str = "auto"  # of the towers' forward passes; auto: the fastest on the device (hsl/precision.py)
+    max_products: int | None = None  # train on a seeded sample of this many training products (None: all)
+    memory_budget: int = 2 << 30  # bytes of features held in memory; a larger training set streams from the store
 
 
 def _atomic_json(path: Path, payload: dict) -> None:
@@ -107,11 +110,13 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
     distributed.barrier()  # every rank has looked at --out before rank 0 writes into it
     config = load_config(options.config)
     with FeatureStore.open(store_path) as store:
-        products = load_products(store, require_text=True, region_grid=config.region_grid)
+        products = load_products(store, require_text=True, region_grid=config.region_grid, in_memory=False)
         store_meta = dict(store.meta)
     split = Split(options.test_fraction, options.val_fraction, options.seed)
-    parts = split.indices(products.ids)
-    train_set, val_set = products.subset(parts["train"]), products.subset(parts["val"])
+    parts = _capped(split.indices(products.ids), options.max_products, options.seed)
+    train_set, val_set = products.subset(parts["train"]), products.subset(parts["val"]).loaded()
+    if len(train_set) * feature_bytes(store_meta, config.region_grid) <= options.memory_budget:
+        train_set = train_set.loaded()  # fits: batches come from memory; else each one from the store
     if len(train_set) < 2 or (len(val_set) < 1 and options.val_fraction > 0):
         raise HSLUsageError(f"split gives {len(train_set)} training and {len(val_set)} validation products; "
                             "extract more products or change --val-fraction")
@@ -135,7 +140,8 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
             "text_dim": store_meta["text_dim"], "precision": precision.name, "hsl_version": __version__}
     args = {**asdict(options), "epochs": epochs, "batch_size": batch_size, "lr": lr, "store": str(store_path),
             "precision": precision.name}
-    record = {"history": [], "best": None, "split": {k: int(len(v)) for k, v in parts.items()}}
+    record = {"history": [], "best": None, "split": {k: int(len(v)) for k, v in parts.items()},
+              "streamed": train_set.source is not None}
     start_epoch = 0
     if resuming:
         tensors, state = ckpt.load()
@@ -171,7 +177,8 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
             continue
         # --val-fraction 0 (train on everything, e.g. the shipped model): the last epoch is kept.
         metrics = validate(model, val_set, device) if len(val_set) else {}
-        entry = {"epoch": epoch + 1, "loss": loss, "val": metrics, "seconds": round(time.perf_counter() - started, 2)}
+        entry = {"epoch": epoch + 1, "loss": loss, "val": metrics, "seconds": round(time.perf_counter() - started, 2),
+                 "peak_rss_mb": _peak_rss_mb()}
         record["history"].append(entry)
         if not metrics or record["best"] is None or metrics["R@10"] > record["best"]["val"]["R@10"]:
             record["best"] = entry
@@ -193,6 +200,30 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
     if record["best"] is None and me.is_main:
         raise HSLError(f"{out}: no epoch was trained (epochs={epochs})")
     return record
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MB): what a training of this size needs."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20) if sys.platform == "darwin" else peak / 1024, 1)  # bytes on macOS, KB elsewhere
+
+
+def _capped(parts: dict[str, np.ndarray], max_products: int | None, seed: int) -> dict[str, np.ndarray]:
+    """At most `max_products` training products (a seeded sample, kept in store order) and a validation
+    set in proportion (a tenth of that, at least 100): the split itself does not move."""
+    if max_products is None:
+        return parts
+    if max_products < 2:
+        raise HSLUsageError(f"--max-products must be at least 2, not {max_products}")
+    rng = np.random.default_rng(seed)
+    capped = dict(parts)
+    for side, cap in (("train", max_products), ("val", max(100, max_products // 10))):
+        if len(parts[side]) > cap:
+            capped[side] = np.sort(rng.choice(parts[side], size=cap, replace=False))
+    return capped
 
 
 class _Towers(nn.Module):

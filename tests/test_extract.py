@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from hsl.errors import HSLUsageError, StoreMismatchError
@@ -29,13 +32,14 @@ def test_folder_store_layout_readable_with_plain_h5py(photo_folder: Path, tmp_pa
         ids = list(f["ids"].asstr()[:])
         assert ids[0] == "group0/item0000" and len(ids) == 12
         assert f["texts"].asstr()[0] == "red shirt 0"
-        assert f["regions"].shape == (12, 16, 32) and f["regions"].dtype == np.float16
-        assert f["text_tokens"].shape == (12, 16, 24)
-        assert f.attrs["backbone"] == "tiny" and int(f.attrs["schema_version"]) == 1
+        assert f["regions"].shape == (12, 16, 32) and f["regions"].dtype == np.int8  # codes (data/STORE.md)
+        assert f["region_scale"].shape == (12, 16) and f["region_scale"].dtype == np.float16
+        assert f["text_tokens"].shape == (12, 16, 24) and f["token_scale"].shape == (12, 16)
+        assert f.attrs["backbone"] == "tiny" and int(f.attrs["schema_version"]) == 2
         assert (f["status"][:] == DONE).all()
         lengths = f["text_lengths"][:]
         assert lengths[0] == 3  # "red shirt 0"
-        tokens = f["text_tokens"][0]
+        tokens = f["text_tokens"][0] * f["token_scale"][0][:, None].astype(np.float32)  # STORE.md's recipe
         assert np.abs(tokens[:3]).sum() > 0 and np.abs(tokens[3:]).sum() == 0
 
 
@@ -147,8 +151,17 @@ def test_real_photos_with_default_backbone(fashion: Path, tmp_path: Path) -> Non
         features = store.read_features(np.arange(32))
         assert store.meta["backbone"] == "minilm-effnet" and "articleType" in store.meta["attribute_columns"]
     regions = features["regions"].astype(np.float32)
-    assert regions.shape == (32, 49, 1280) and np.isfinite(regions).all()
-    # The whole-image vector is the mean of the 7x7 grid cells it comes from.
-    np.testing.assert_allclose(regions.mean(1), features["image_global"].astype(np.float32), atol=2e-2)
+    assert regions.shape == (32, 16, 1280) and np.isfinite(regions).all()  # the 4x4 grid the configs use
+    # --grid 7 keeps the native cells: their mean is the whole-image vector, and pooling them to 4x4 gives
+    # the default store's cells, within both stores' int8 rounding: half a step (largest |value| / 127, and
+    # EfficientNet's ReLU6 features reach 6) each, so 0.047 at most.
+    native = tmp_path / "native.h5"
+    extract(fashion / "products.csv", native, replace(options, limit=4, grid=7))
+    with FeatureStore.open(native) as store:
+        cells = torch.from_numpy(store.read_features(np.arange(4))["regions"].astype(np.float32))
+    assert cells.shape == (4, 49, 1280)
+    np.testing.assert_allclose(cells.mean(1), features["image_global"][:4].astype(np.float32), atol=2e-2)
+    pooled = F.adaptive_avg_pool2d(cells.transpose(1, 2).unflatten(2, (7, 7)), 4).flatten(2).transpose(1, 2)
+    np.testing.assert_allclose(pooled.numpy(), regions[:4], atol=0.05)
     norms = np.linalg.norm(features["text_sentence"].astype(np.float32), axis=1)
     np.testing.assert_allclose(norms, 1.0, atol=1e-2)

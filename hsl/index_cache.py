@@ -1,0 +1,229 @@
+"""The image side of HSL, computed once per (store, model) and kept beside the store, updated in
+place when the store changes.
+
+With AGG = mean, HSL ranking is one maximum-inner-product search over one vector per product
+(docs/design.md): the cache `STORE.h5.index/<model>.h5` holds those vectors, the store row of
+each (`rows`, -1 for a product the store no longer has ready) and a copy of the store's per-row
+stamps (status, file size, mtime) as they were when the vectors were made. The next query or
+`hsl index` compares the stamps: a changed or new row is encoded again and written in place (or
+appended), a row that is no longer DONE is dropped, so the work is proportional to the change.
+The store is read in blocks throughout, so memory does not grow with the catalog.
+
+Crash safety: a full build writes `PATH.tmp` and renames it (a reader keeps the old file); an
+update happens only while no process has the cache open (HDF5's lock says so; else it is a full
+build), first marks the file `updating`, and a cache left so by a kill is rebuilt, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import h5py
+import numpy as np
+
+from .store import DONE, FeatureStore, ensure_space
+
+if TYPE_CHECKING:
+    from .model import HSLModel
+
+INDEX_VERSION = 2  # 2: stamps for incremental updates, resizable datasets, generations for the ANN files
+_BLOCK = 512  # products per forward pass of the image side
+UPDATE_LIMIT = 0.25  # more changed rows than this share of the index: a full build is simpler and as fast
+DEAD_LIMIT = 0.10  # more dropped rows than this share: rebuild, so searches do not carry dead vectors
+Progress = Callable[[int, int], None] | None
+
+
+def store_stamps(store: FeatureStore) -> np.ndarray:
+    """[S,3] int64 (status, file size, mtime) per store row: a row whose stamp changed needs a new vector."""
+    return np.stack([store.column("status").astype(np.int64), store.column("file_size"),
+                     store.column("file_mtime_ns")], axis=1)
+
+
+def store_fingerprint(store: FeatureStore) -> str:
+    """Changes whenever a row is added, re-extracted or finished (cheap: numeric columns only)."""
+    digest = hashlib.sha256()
+    for name in ("status", "file_size", "file_mtime_ns"):
+        digest.update(np.ascontiguousarray(store.column(name)).tobytes())
+    digest.update(str(len(store)).encode())
+    return digest.hexdigest()[:16]
+
+
+def index_path(store_path: str | os.PathLike, model_key: str) -> Path:
+    store_path = Path(store_path)
+    return store_path.with_name(store_path.name + ".index") / f"{model_key}.h5"
+
+
+def is_current(path: Path, fingerprint: str, precision: str = "fp32") -> bool:
+    """Whether the cache holds the vectors of this store state, made in `precision` (older caches: fp32)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return (_usable(f, precision) and f.attrs.get("store_fingerprint") == fingerprint)
+    except OSError:  # missing or damaged: rebuilt, never trusted
+        return False
+
+
+def _usable(f: h5py.File, precision: str) -> bool:
+    """A cache this version can update: same layout and precision, not left half-updated by a kill."""
+    return (f.attrs.get("version") == INDEX_VERSION and f.attrs.get("precision", "fp32") == precision
+            and not f.attrs.get("updating", False))
+
+
+def refresh_index(store_path: str | os.PathLike, model: Callable[[], HSLModel], model_key: str, precision: str,
+                  progress: Progress = None) -> Path:
+    """Bring the cache up to date: nothing if current, an update of the changed rows if it can be, else a
+    full build. `model` is called only when there is something to encode (it may load torch)."""
+    path = index_path(store_path, model_key)
+    with FeatureStore.open(store_path) as store:
+        fingerprint, stamps = store_fingerprint(store), store_stamps(store)
+    if is_current(path, fingerprint, precision):
+        return path
+    plan = _update_plan(path, stamps, precision)
+    if plan is not None:
+        try:
+            _update(path, store_path, model(), plan, fingerprint, stamps, progress)
+            return path
+        except _InUse:  # a reader (hsl serve, another query) has the cache open: it keeps its file
+            pass
+    return build_index(store_path, model(), model_key, progress)
+
+
+def build_index(store_path: str | os.PathLike, model: HSLModel, model_key: str, progress: Progress = None) -> Path:
+    """Encode every extracted product's image side (in the model's precision) and write a new cache."""
+    with FeatureStore.open(store_path) as store:
+        fingerprint, stamps = store_fingerprint(store), store_stamps(store)
+        rows = np.flatnonzero(stamps[:, 0] == DONE)
+        path = index_path(store_path, model_key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        dims = _dims(model)
+        ensure_space(tmp, len(rows) * (dims * 4 + 8) + len(stamps) * 24 + (1 << 20),
+                     "queries keep using the old index, if any")
+        with h5py.File(tmp, "w") as f:
+            chunk = (max(1, min(len(rows), 1024)), dims)
+            vectors = f.create_dataset("vectors", (len(rows), dims), "f4", maxshape=(None, dims), chunks=chunk)
+            f.create_dataset("rows", data=rows.astype(np.int64), maxshape=(None,), chunks=(65536,))
+            f.create_dataset("stamps", data=stamps, maxshape=(None, 3), chunks=(65536, 3))
+            for start, block in _encoded_blocks(store, model, rows, progress):
+                vectors[start:start + len(block)] = block
+            f.attrs.update({"version": INDEX_VERSION, "store_fingerprint": fingerprint, "model": model_key,
+                            "exact": bool(model.exact_by_inner_product), "precision": model.precision.name,
+                            "generation": 0})
+    for stale in path.parent.glob(f"{model_key}.*.faiss"):  # ANN files of the previous vectors
+        stale.unlink()
+    os.replace(tmp, path)
+    return path
+
+
+class _Plan:
+    """What an update does: rows to encode (overwritten in place or appended) and positions to drop."""
+
+    def __init__(self, encode: np.ndarray, positions: np.ndarray, drop: np.ndarray) -> None:
+        self.encode = encode  # [k] sorted store rows needing a (new) vector
+        self.positions = positions  # [k] index position of each: existing, or appended past the end
+        self.drop = drop  # [m] index positions whose row is no longer DONE
+
+
+def _update_plan(path: Path, stamps: np.ndarray, precision: str) -> _Plan | None:
+    """The rows to redo, or None when only a full build will do (no usable cache, or a large change)."""
+    try:
+        with h5py.File(path, "r") as f:
+            if not _usable(f, precision) or "stamps" not in f:
+                return None
+            old, rows = f["stamps"][:], f["rows"][:]
+    except OSError:
+        return None
+    if len(old) > len(stamps):  # the store lost rows: not something extraction does; start again
+        return None
+    changed = np.flatnonzero(np.any(stamps[:len(old)] != old, axis=1))
+    changed = np.concatenate([changed, np.arange(len(old), len(stamps))])
+    live = rows >= 0
+    if len(changed) > UPDATE_LIMIT * max(1, int(live.sum())):
+        return None
+    position_of = np.full(len(stamps), -1, np.int64)
+    position_of[rows[live]] = np.flatnonzero(live)
+    done = stamps[changed, 0] == DONE
+    encode, drop = changed[done], position_of[changed[~done]]
+    drop = drop[drop >= 0]
+    positions = position_of[encode]
+    appended = positions < 0
+    positions[appended] = len(rows) + np.arange(int(appended.sum()))
+    if (~live).sum() + len(drop) > DEAD_LIMIT * max(1, len(rows) + int(appended.sum())):
+        return None
+    return _Plan(encode, positions, drop)
+
+
+class _InUse(Exception):
+    """The cache is open elsewhere: changing it in place would change what a reader is reading."""
+
+
+def _update(path: Path, store_path: str | os.PathLike, model: HSLModel, plan: _Plan, fingerprint: str,
+            stamps: np.ndarray, progress: Progress) -> None:
+    try:  # HDF5's own lock (on by default) refuses a writer while any process has the file open to read
+        f = h5py.File(path, "r+")
+    except OSError as exc:
+        raise _InUse(str(exc)) from None
+    with FeatureStore.open(store_path) as store, f:
+        f.attrs["updating"] = True  # a kill from here on leaves a cache that is rebuilt, never trusted
+        f.flush()
+        vectors, rows = f["vectors"], f["rows"]
+        size = max(len(rows), int(plan.positions.max()) + 1 if len(plan.positions) else 0)
+        vectors.resize(size, axis=0)
+        rows.resize(size, axis=0)
+        order = np.argsort(plan.positions)  # appended positions in row order
+        for start, block in _encoded_blocks(store, model, plan.encode, progress):
+            at = plan.positions[start:start + len(block)]
+            _write_at(vectors, at, block)
+        if len(order):
+            rows[plan.positions[order]] = plan.encode[order]
+        if len(plan.drop):
+            drop = np.sort(plan.drop)
+            rows[drop] = -1
+            _write_at(vectors, drop, np.zeros((len(drop), vectors.shape[1]), np.float32))
+        f["stamps"].resize(len(stamps), axis=0)
+        f["stamps"][:] = stamps
+        # The positions this update touched, for the ANN files of the previous generation (hsl/index.py).
+        touched = np.unique(np.concatenate([plan.positions, plan.drop]).astype(np.int64))
+        if "touched" in f:
+            del f["touched"]
+        f.create_dataset("touched", data=touched)
+        f.attrs.update({"store_fingerprint": fingerprint, "generation": int(f.attrs["generation"]) + 1,
+                        "updating": False})
+
+
+def _write_at(dataset: h5py.Dataset, positions: np.ndarray, values: np.ndarray) -> None:
+    """dataset[positions] = values, in ascending order (h5py wants it) and in runs where positions follow on."""
+    order = np.argsort(positions)
+    positions, values = positions[order], values[order]
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+    for run in np.split(np.arange(len(positions)), breaks):
+        if len(run):
+            dataset[positions[run[0]]:positions[run[-1]] + 1] = values[run]
+
+
+def _dims(model: HSLModel) -> int:
+    from .model import index_dim
+
+    return index_dim(model.config)
+
+
+def _encoded_blocks(store: FeatureStore, model: HSLModel, rows: np.ndarray, progress: Progress):
+    """(offset into rows, [b, D] float32 index vectors) for sorted store `rows`, a block at a time."""
+    import torch
+
+    from .dataset import image_inputs
+
+    model.eval()
+    device = next(model.parameters()).device
+    done = 0
+    with torch.no_grad():
+        for part, features in store.blocks(rows, ("image_global", "regions", "region_mask"), block=_BLOCK):
+            regions, mask = image_inputs(features, store.meta, model.config.region_grid)
+            image = model.encode_image(regions.to(device).float(), mask.to(device))
+            yield done, model.index_vectors(image).cpu().numpy()
+            done += len(part)
+            if progress:
+                progress(done, len(rows))
