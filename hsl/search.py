@@ -122,13 +122,30 @@ def clean_query(text: str) -> tuple[str, list[str]]:
     return cleaned, []
 
 
+class CatalogStrings:
+    """Every index position's id, title, photo path and attributes in memory (`hsl serve`): hits and
+    filters without a store read. A position an update dropped has empty strings."""
+
+    def __init__(self, store: FeatureStore, rows: np.ndarray) -> None:
+        self.columns: list[str] = list(store.meta["attribute_columns"])
+        self.ids = store.strings("ids", rows)  # [N] product id of each index position
+        self.texts = store.strings("texts", rows)
+        self.images = store.strings("images", rows)
+        self.attributes = AttributeFilter({c: np.array(v, dtype=object) for c, v in store.attributes(rows).items()})
+
+    def record(self, i: int) -> dict:
+        return {"id": self.ids[i], "image": self.images[i], "text": self.texts[i],
+                "attributes": {c: str(self.attributes.values[c][i]) for c in self.columns}}
+
+
 class Searcher:
-    """Loads the model, the query text encoder and the index once; answers many queries."""
+    """The search session: model, query text encoder, index and (with `keep_strings`) the catalog's
+    strings, loaded once; `hsl query` and `hsl serve` answer every query through one."""
 
     def __init__(self, store_path: str | os.PathLike, model_dir: str | os.PathLike | None = None,
                  device: str = "cpu", progress: Callable[[int, int], None] | None = None,
                  backend: str = "auto", nprobe: int = 32, ef_search: int = 128,
-                 ivfpq: IVFPQOptions | None = None, precision: str = "auto") -> None:
+                 ivfpq: IVFPQOptions | None = None, precision: str = "auto", keep_strings: bool = False) -> None:
         self.store_path = Path(store_path)
         self.device = _resolve_device(device)  # before any work: a missing GPU is one clear line, not a traceback
         self.precision = resolve_precision(precision, self.device)
@@ -145,9 +162,15 @@ class Searcher:
         self._text_encoder = None
         self._query_text = None
         self._attributes: AttributeFilter | None = None
+        self._store: FeatureStore | None = None
         path = refresh_index(self.store_path, lambda: self.model, self.model_key, self.precision.name, progress)
         self.index = VectorSearch(path, backend, nprobe, ef_search, ivfpq)
         self.rows = self.index.rows  # [N] store row of each index vector (-1: dropped, never a result)
+        self.strings: CatalogStrings | None = None
+        if keep_strings:
+            with FeatureStore.open(self.store_path) as store:
+                self.strings = CatalogStrings(store, self.rows)
+            self._attributes = self.strings.attributes
 
     @property
     def model(self) -> HSLModel:
@@ -224,7 +247,7 @@ class Searcher:
         if not exact and len(positions):
             scores = self._exact_scores(text_enc, positions)
             positions, scores = best_exact(positions, scores, top_k)  # equal scores in store order
-        return SearchResult(text, self._hits(positions, scores), warnings)
+        return SearchResult(text, self.hits(positions, scores), warnings)
 
     def _exact_scores(self, text_enc: TextEncoding, candidates: np.ndarray) -> np.ndarray:
         """Full HSL scores (any AGG) for a few candidate products, from their stored regions."""
@@ -242,14 +265,23 @@ class Searcher:
             exact[order] = self.model.similarities(text_enc, image)["total"][0].cpu().numpy()
         return exact
 
-    def _hits(self, positions: np.ndarray, scores: np.ndarray) -> list[Hit]:
-        hits = []
-        with FeatureStore.open(self.store_path) as store:
-            for rank, (i, score) in enumerate(zip(positions.tolist(), scores.tolist(), strict=True), start=1):
-                fields = store.row_strings(int(self.rows[i]))
-                hits.append(Hit(rank=rank, id=fields["id"], score=float(score), image=fields["image"],
-                                text=fields["text"], attributes=fields["attributes"]))
-        return hits
+    def close(self) -> None:
+        """Close the index and the store (a Searcher left open is closed with the process)."""
+        self.index.close()
+        if self._store is not None:
+            self._store.close()
+
+    def hits(self, positions: np.ndarray, scores: np.ndarray) -> list[Hit]:
+        """Ranked hits for index positions, best first."""
+        if self.strings is not None:
+            records = [self.strings.record(i) for i in positions.tolist()]
+        else:
+            if self._store is None:  # one read-only handle for the Searcher's life, not one per query
+                self._store = FeatureStore.open(self.store_path)
+            records = self._store.row_records(self.rows[positions])
+        return [Hit(rank=rank, id=r["id"], score=float(score), image=r["image"], text=r["text"],
+                    attributes=r["attributes"])
+                for rank, (r, score) in enumerate(zip(records, scores.tolist(), strict=True), start=1)]
 
 
 def _resolve_device(device: str) -> str:

@@ -195,6 +195,14 @@ class FeatureStore:
         group = self._f["attributes"]
         return {c: _pick_strings(group[c], rows) for c in self.meta["attribute_columns"]}
 
+    def row_records(self, rows: np.ndarray) -> list[dict]:
+        """id, image, text and attributes of each of `rows` (any order): one read per field, not per row."""
+        rows = np.asarray(rows, dtype=np.int64)
+        fields = {name: self.strings(name, rows) for name in _STRINGS}
+        attributes = self.attributes(rows)
+        return [{"id": fields["ids"][i], "image": fields["images"][i], "text": fields["texts"][i],
+                 "attributes": {c: values[i] for c, values in attributes.items()}} for i in range(len(rows))]
+
     def row_strings(self, row: int) -> dict:
         """id, image, text and attributes of one row (for showing a search hit)."""
         return {"id": self._f["ids"].asstr()[row], "image": self._f["images"].asstr()[row],

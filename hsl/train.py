@@ -213,14 +213,15 @@ def _peak_rss_mb() -> float:
 
 def _capped(parts: dict[str, np.ndarray], max_products: int | None, seed: int) -> dict[str, np.ndarray]:
     """At most `max_products` training products (a seeded sample, kept in store order) and a validation
-    set in proportion (a tenth of that, at least 100): the split itself does not move."""
+    set in proportion (a tenth of that, at least 100 and at most 2,000: validation ranks every title
+    against every photo, so its cost grows with the square): the split itself does not move."""
     if max_products is None:
         return parts
     if max_products < 2:
         raise HSLUsageError(f"--max-products must be at least 2, not {max_products}")
     rng = np.random.default_rng(seed)
     capped = dict(parts)
-    for side, cap in (("train", max_products), ("val", max(100, max_products // 10))):
+    for side, cap in (("train", max_products), ("val", max(100, min(2000, max_products // 10)))):
         if len(parts[side]) > cap:
             capped[side] = np.sort(rng.choice(parts[side], size=cap, replace=False))
     return capped
