@@ -25,7 +25,9 @@ from .store import DONE, FeatureStore, RowCopy, RowPlan
 from .store_lock import writing
 
 # May differ between stores that merge: the columns are joined, the version is only a note.
-_FREE_META = ("attribute_columns", "hsl_version")
+# Free to differ: the merged file takes the union of the columns, and is written in the newest schema
+# (rows of a schema 1 input are converted to codes as they are copied: hsl/store.py).
+_FREE_META = ("attribute_columns", "hsl_version", "schema_version")
 
 
 @dataclass
