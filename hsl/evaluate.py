@@ -124,9 +124,10 @@ def evaluate(store_path: str | os.PathLike, model_dir: str | os.PathLike, querie
     model.to(torch_device).use_precision(resolved)
     with FeatureStore.open(store_path) as store:
         check_backbone(store, meta, str(model_dir))
-        products = load_products(store, require_text=queries_path is None, region_grid=model.config.region_grid)
+        products = load_products(store, require_text=queries_path is None, region_grid=model.config.region_grid,
+                                 in_memory=False)
         max_text_tokens = int(store.meta["max_text_tokens"])
-    gallery = _split_products(products, meta, split)
+    gallery = _split_products(products, meta, split).loaded()  # only the scored split's features in memory
     k = 10
     if queries_path is None:
         ranked = rank_products(model, gallery, gallery.tokens, gallery.token_mask, torch_device, top_k=k)

@@ -85,7 +85,8 @@ def evaluate_pools(store_path: str | os.PathLike, model_dir: str | os.PathLike, 
     model.to(torch_device).use_precision(resolved)
     with FeatureStore.open(store_path) as store:
         check_backbone(store, meta, str(model_dir))
-        products = load_products(store, require_text=True, region_grid=model.config.region_grid)
+        # Features are read a block of pools at a time (Products.source): memory does not grow with the store.
+        products = load_products(store, require_text=True, region_grid=model.config.region_grid, in_memory=False)
     ranked = rank_pools(model, products, torch_device)
     missing = [q for q in answers if q not in ranked]
     if len(missing) == len(answers):

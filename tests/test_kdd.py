@@ -128,7 +128,8 @@ def test_box_store_layout(kdd: dict) -> None:
         assert list(f["attributes/product_id"].asstr()[:2]) == [r.product_id for r in rows[:2]]
         assert f["attributes/class_labels"].asstr()[0] == " ".join(map(str, rows[0].class_labels))
         assert f["texts"].asstr()[0] == rows[0].query and f["images"].asstr()[0] == ""
-        mask, regions, whole = f["region_mask"][:], f["regions"][:].astype(np.float32), f["image_global"][:]
+        mask, whole = f["region_mask"][:], f["image_global"][:]
+        regions = f["regions"][:] * f["region_scale"][:][..., None].astype(np.float32)  # codes x scale
         assert (f["status"][:] == DONE).all()
     kept = [len(r.features) for r in rows]
     assert mask.sum(1).tolist() == kept and max(kept) == 20 and min(kept) < 20
