@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from .dataset import check_backbone, load_products
 from .errors import HSLError, HSLUsageError, StoreMismatchError
 from .index import VectorSearch, build_index, index_path, is_current, store_fingerprint
 from .store import FeatureStore
+
+if TYPE_CHECKING:
+    from .milvus import MilvusOptions
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
 MAX_QUERY_CHARS = 1000  # far past any title; longer input is truncated with a warning
@@ -85,6 +89,13 @@ class AttributeFilter:
             keep &= match
         return keep
 
+    def stored_values(self, where: dict[str, str]) -> dict[str, list[str]]:
+        """{column: the stored spellings of each value} ("women" -> ["Women"]), for a search engine's own
+        filter (hsl/milvus.py); checked as mask() checks, with the same errors."""
+        self.mask(where)
+        return {column: sorted({v for v in self.values[column].tolist() if v.casefold() == value.casefold()})
+                for column, value in where.items()}
+
     def _suggest(self, column: str, value: str) -> str:
         """ " (did you mean Women?)" for a near miss such as "Woman", else nothing."""
         import difflib
@@ -119,7 +130,8 @@ class Searcher:
     def __init__(self, store_path: str | os.PathLike, model_dir: str | os.PathLike | None = None,
                  device: str = "cpu", progress: Callable[[int, int], None] | None = None,
                  backend: str = "auto", nprobe: int = 32, ef_search: int = 128,
-                 ivfpq: IVFPQOptions | None = None, precision: str = "auto") -> None:
+                 ivfpq: IVFPQOptions | None = None, precision: str = "auto", milvus: MilvusOptions | None = None
+                 ) -> None:
         from .extract import resolve_device
         from .factory import load_model, model_hash
         from .precision import resolve_precision
@@ -141,7 +153,12 @@ class Searcher:
         path = index_path(self.store_path, self.model_key)
         if not is_current(path, fingerprint, self.precision.name):
             build_index(self.store_path, self.model, self.model_key, progress)
-        self.index = VectorSearch(path, backend, nprobe, ef_search, ivfpq)
+        if backend == "milvus":  # a Milvus collection that follows the index cache (hsl/milvus.py)
+            from .milvus import MilvusSearch
+
+            self.index = MilvusSearch(path, self.store_path, self.model_key, milvus, progress)
+        else:
+            self.index = VectorSearch(path, backend, nprobe, ef_search, ivfpq)
         self.rows = self.index.rows  # [N] store row of each index vector
         self._text_encoder = None
         self._attributes: AttributeFilter | None = None
@@ -177,6 +194,13 @@ class Searcher:
                                                     for k, v in store.attributes().items()})
         return self._attributes.mask(where)
 
+    def engine_filter(self, where: dict[str, str] | None) -> dict:
+        """Keyword arguments that hand --where to an index that filters inside its engine (Milvus), else {}."""
+        if not where or not getattr(self.index, "filters_in_engine", False):
+            return {}
+        self._attribute_mask(where)  # builds the attribute columns once
+        return {"where": self._attributes.stored_values(where)}
+
     @torch.no_grad()
     def search(self, query: str, top_k: int = 10, where: dict[str, str] | None = None) -> SearchResult:
         if top_k < 1:
@@ -184,14 +208,21 @@ class Searcher:
         text, warnings = clean_query(query)
         tokens, mask = self._encode_query(text)
         text_enc = self.model.encode_text(tokens.to(self.device), mask.to(self.device))
-        q = self.model.query_vectors(text_enc)[0].cpu().numpy()  # [D]
         allowed = self._attribute_mask(where) if where else None
+        positions, scores = self.rank(text_enc, top_k, allowed, self.engine_filter(where))
+        return SearchResult(text, self._hits(positions, scores), warnings)
+
+    def rank(self, text_enc: object, top_k: int, allowed: np.ndarray | None = None,
+             engine_filter: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(index positions, HSL scores) of the top_k products for one encoded query, best first."""
+        q = self.model.query_vectors(text_enc)[0].cpu().numpy()  # [D]
         exact = self.model.exact_by_inner_product  # else: inner products only gather candidates
-        positions, scores = self.index.search(q, top_k if exact else max(top_k, RERANK_CANDIDATES), allowed)
+        positions, scores = self.index.search(q, top_k if exact else max(top_k, RERANK_CANDIDATES), allowed,
+                                              **(engine_filter or {}))
         if not exact and len(positions):
             scores = self._exact_scores(text_enc, positions)
             positions, scores = best_exact(positions, scores, top_k)  # equal scores in store order
-        return SearchResult(text, self._hits(positions, scores), warnings)
+        return positions, scores
 
     def _exact_scores(self, text_enc: object, candidates: np.ndarray) -> np.ndarray:
         """Full HSL scores (any AGG) for a few candidate products, from their stored regions."""

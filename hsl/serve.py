@@ -30,6 +30,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ import torch
 from .errors import HSLError, HSLUsageError
 from .search import AttributeFilter, Hit, Searcher, SearchResult, clean_query
 from .store import FeatureStore
+
+if TYPE_CHECKING:
+    from .milvus import MilvusOptions
 
 MAX_TOP_K = 100
 MAX_FILTER_VALUES = 100  # a column with more distinct values (ids, free text) gets no dropdown
@@ -69,9 +73,10 @@ class Catalog:
 
     def __init__(self, store_path: str | os.PathLike, model_dir: str | os.PathLike | None = None, *,
                  device: str = "cpu", backend: str = "auto", progress: Callable[[int, int], None] | None = None,
-                 max_parallel: int | None = None, precision: str = "auto") -> None:
+                 max_parallel: int | None = None, precision: str = "auto", milvus: MilvusOptions | None = None
+                 ) -> None:
         self.searcher = _ServingSearcher(store_path, model_dir, device=device, progress=progress, backend=backend,
-                                         precision=precision)
+                                         precision=precision, milvus=milvus)
         self.searcher.catalog = self
         rows = self.searcher.rows  # [N] store row of each index position (sorted: build_index keeps store order)
         with FeatureStore.open(store_path) as store:
@@ -151,7 +156,8 @@ class Catalog:
         vector = np.asarray(index._vectors[position], dtype=np.float32)  # [D]
         with self._slots:
             # Unfiltered: one extra, since the product itself is (nearly always) its own best match.
-            positions, scores = index.search(vector, top_k if allowed is not None else top_k + 1, allowed)
+            positions, scores = index.search(vector, top_k if allowed is not None else top_k + 1, allowed,
+                                             **self.searcher.engine_filter(where))
         keep = positions != position
         return SearchResult(query=f"more like {product_id}", hits=self.hits(positions[keep][:top_k],
                                                                              scores[keep][:top_k]))
