@@ -2,8 +2,9 @@
 standalone server or distributed cluster (`http://HOST:19530`), with the same code.
 
 One collection per (store, model): the product id is the primary key, `vector` the HSL index vector
-(inner product), `row` its store row, `digest` a content hash of (id, row, vector, attributes), and one
-VARCHAR field per attribute column of the store, so `--where` filters run inside the engine.
+(inner product), `digest` a content hash of (id, vector, attributes), and one VARCHAR field per attribute
+column of the store, so `--where` filters run inside the engine. Store rows are not kept: a store rebuilt
+with products removed at the front shifts every row, and that must not re-send every product.
 
 The collection follows the index cache (hsl/index.py). `MilvusSearch.sync` compares the digests the
 collection holds with those of the current index vectors, upserts what is new or changed and deletes
@@ -42,10 +43,12 @@ INDEX_TYPES = ("auto", "HNSW", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "DISKANN", "FLAT
 RERANK_POOL = 200  # candidates asked of the engine and re-scored exactly, as for faiss's ivf/hnsw
 STATE_COLLECTION = "hsl_sync_state"
 LITE_FILE = "milvus.db"  # the default Milvus Lite database, beside the index cache
-_BATCH_BYTES = 4 << 20  # vectors per upsert: ~4 MB, far inside gRPC's 64 MB message limit
+# Products per upsert: at most 1,000 and ~4 MB of vectors (far inside gRPC's 64 MB message limit). Each batch
+# is one unit of progress that a kill cannot undo.
+_BATCH_ROWS, _BATCH_BYTES = 1000, 4 << 20
 _DIGEST_BLOCK = 4096
 _MAX_VARCHAR = 65535  # Milvus's bound; VARCHAR storage is by actual length
-_FIXED = ("id", "vector", "row", "digest")
+_FIXED = ("id", "vector", "digest")
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 _ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"})
 _LITE_USERS: dict[str, int] = {}  # local .db path -> open MilvusSearch objects: the last one stops its server
@@ -129,13 +132,33 @@ def filter_expression(where: dict[str, list[str]], fields: dict[str, str]) -> st
     return " and ".join(clauses)
 
 
-def rows_expression(allowed_rows: np.ndarray, all_rows: np.ndarray) -> str:
+def ids_expression(ids: list[str], allowed: np.ndarray) -> str:
     """An arbitrary subset of products (eval's test split, "more like this" without itself) as the shorter of
-    `row in [...]` and `row not in [...]`: integers only, nothing to escape."""
-    excluded = np.setdiff1d(all_rows, allowed_rows, assume_unique=True)
-    if len(excluded) < len(allowed_rows):
-        return f"row not in [{', '.join(map(str, excluded.tolist()))}]" if len(excluded) else ""
-    return f"row in [{', '.join(map(str, allowed_rows.tolist()))}]"
+    `id in [...]` and `id not in [...]`, every id quoted."""
+    keep = allowed.sum() <= len(allowed) - allowed.sum()
+    chosen = np.flatnonzero(allowed if keep else ~allowed)
+    if not keep and not len(chosen):
+        return ""
+    return f"id {'in' if keep else 'not in'} [{', '.join(quote(ids[i]) for i in chosen)}]"
+
+
+class _IdLookup:
+    """Product ids -> index positions, as a sorted array of UTF-8 bytes (1M ids of ~20 characters: ~20 MB,
+    a tenth of a dict of str)."""
+
+    def __init__(self, ids: list[str]) -> None:
+        encoded = np.array([pid.encode() for pid in ids], dtype=bytes) if ids else np.zeros(0, "S1")
+        self._order = np.argsort(encoded, kind="stable")
+        self._sorted = encoded[self._order]
+
+    def positions(self, ids: list[str]) -> np.ndarray:
+        """Positions of the ids this index has, in the order given; ids it lacks are left out."""
+        if not ids or not len(self._sorted):
+            return np.zeros(0, np.int64)
+        wanted = np.array([pid.encode() for pid in ids], dtype=bytes)
+        at = np.minimum(np.searchsorted(self._sorted, wanted), len(self._sorted) - 1)
+        found = self._sorted[at] == wanted
+        return self._order[at[found]].astype(np.int64)
 
 
 def _quiet_logs() -> None:
@@ -236,6 +259,8 @@ class MilvusSearch:
         self.rows = self._h5["rows"][:]  # [N] store rows, ascending
         with FeatureStore.open(self.store_path) as store:
             self.fields = field_names(list(store.meta["attribute_columns"]))
+            self.ids = store.strings("ids", self.rows)  # [N] product id of each index position
+        self._lookup = _IdLookup(self.ids)
         self._client = connect(self.uri, self.options.connect_timeout)
         self._lite = None if is_remote(self.uri) else os.path.abspath(self.uri)
         if self._lite:
@@ -267,7 +292,6 @@ class MilvusSearch:
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=_MAX_VARCHAR)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=int(self._vectors.shape[1]))
-        schema.add_field("row", DataType.INT64)
         schema.add_field("digest", DataType.INT64)
         for name in self.fields.values():
             schema.add_field(name, DataType.VARCHAR, max_length=_MAX_VARCHAR)
@@ -288,7 +312,7 @@ class MilvusSearch:
         """Same fields and vector dimension as this index needs."""
         described = self._client.describe_collection(self.collection)
         have = {f["name"]: f.get("params", {}).get("dim") for f in described["fields"]}
-        want = {**dict.fromkeys(["id", "row", "digest", *self.fields.values()]), "vector": self._vectors.shape[1]}
+        want = {**dict.fromkeys(["id", "digest", *self.fields.values()]), "vector": self._vectors.shape[1]}
         return set(have) == set(want) and int(have["vector"]) == int(want["vector"])
 
     def _vector_index(self) -> tuple[str, str]:
@@ -362,11 +386,11 @@ class MilvusSearch:
                 return SyncReport(products=len(self.rows), skipped=True)
             self._set_state("")  # from here until the end the collection is "being synced"
             have = self.stored_digests()
-        ids, attributes = self._strings()
+        ids, attributes = self.ids, self.attributes()
         digests = self.digests(ids, attributes)
         todo = np.array([i for i, pid in enumerate(ids) if have.get(pid) != digests[i]], dtype=np.int64)
         gone = sorted(have.keys() - set(ids))
-        batch = max(64, _BATCH_BYTES // (4 * self._vectors.shape[1]))
+        batch = max(64, min(_BATCH_ROWS, _BATCH_BYTES // (4 * self._vectors.shape[1])))
         with _calls(self.uri, f"upsert into {self.collection}"):
             for start in range(0, len(todo), batch):
                 self._upsert(todo[start:start + batch], ids, attributes, digests)
@@ -378,21 +402,22 @@ class MilvusSearch:
             self._set_state(target)
         return SyncReport(upserted=len(todo), deleted=len(gone), products=len(self.rows))
 
-    def _strings(self) -> tuple[list[str], dict[str, list[str]]]:
+    def attributes(self) -> dict[str, list[str]]:
+        """{column: [N] value of each index position}."""
         from .store import FeatureStore
 
         with FeatureStore.open(self.store_path) as store:
-            return store.strings("ids", self.rows), store.attributes(self.rows)
+            return store.attributes(self.rows)
 
     def digests(self, ids: list[str], attributes: dict[str, list[str]]) -> np.ndarray:
-        """[N] int64: a hash of each product's id, store row, float32 vector and attribute values."""
+        """[N] int64: a hash of each product's id, float32 vector and attribute values."""
         out = np.empty(len(ids), dtype=np.int64)
         columns = list(self.fields)
         for start in range(0, len(ids), _DIGEST_BLOCK):
             block = np.ascontiguousarray(self._vectors[start:start + _DIGEST_BLOCK], dtype=np.float32)
             for j, vector in enumerate(block):
                 i = start + j
-                text = "\x1f".join([ids[i], str(self.rows[i]), *(attributes[c][i] for c in columns)])
+                text = "\x1f".join([ids[i], *(attributes[c][i] for c in columns)])
                 digest = hashlib.blake2b(vector.tobytes(), digest_size=8, key=b"hsl1")
                 digest.update(text.encode())
                 out[i] = int.from_bytes(digest.digest(), "little", signed=True)
@@ -402,7 +427,7 @@ class MilvusSearch:
                 digests: np.ndarray) -> None:
         vectors = read_rows(self._vectors, positions)
         self._client.upsert(self.collection, [
-            {"id": ids[p], "vector": vectors[j], "row": int(self.rows[p]), "digest": int(digests[p]),
+            {"id": ids[p], "vector": vectors[j], "digest": int(digests[p]),
              **{field: attributes[column][p] for column, field in self.fields.items()}}
             for j, p in enumerate(positions.tolist())])
 
@@ -421,25 +446,23 @@ class MilvusSearch:
                where: dict[str, list[str]] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(positions into self.rows, exact inner products) of the k best, best first, as VectorSearch.search.
         `where` ({column: stored values}) runs in the engine; `allowed` [N] bool (without `where`: sent as row
-        numbers) is also applied to the candidates, so nothing outside it is ever returned."""
+        ids) is also applied to the candidates, so nothing outside it is ever returned."""
         k = min(k, len(self.rows) if allowed is None else int(allowed.sum()))
         if k <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         if where:
             expression = filter_expression(where, self.fields)
         elif allowed is not None:
-            expression = rows_expression(self.rows[allowed], self.rows)
+            expression = ids_expression(self.ids, allowed)
         else:
             expression = ""
         pool = max(k, RERANK_POOL)
         with _calls(self.uri, f"search {self.collection}"):
             found = self._client.search(self.collection, data=[np.asarray(query, np.float32)], limit=pool,
-                                        filter=expression, output_fields=["row"],
+                                        filter=expression, output_fields=[],
                                         search_params=self._search_params(pool))
-        rows = np.array([hit["entity"]["row"] for hit in found[0]], dtype=np.int64)
-        positions = np.searchsorted(self.rows, rows)
-        known = (positions < len(self.rows)) & (self.rows[np.minimum(positions, len(self.rows) - 1)] == rows)
-        positions = positions[known]  # a row this index does not have (a product since removed) never returns
+        # An id this index does not have (a product the store no longer has) is never returned.
+        positions = self._lookup.positions([hit["id"] for hit in found[0]])
         if allowed is not None:
             positions = positions[allowed[positions]]
         positions = np.unique(positions)  # ascending: h5py reads in order; ties then break by position
