@@ -247,8 +247,6 @@ class MilvusSearch:
     def __init__(self, path: Path, store_path: str | os.PathLike, model_key: str,
                  options: MilvusOptions | None = None,
                  progress: Callable[[int, int], None] | None = None) -> None:
-        from .store import FeatureStore
-
         self.options = (options or MilvusOptions()).checked()
         self.path, self.store_path = path, Path(store_path)
         self.uri = self.options.uri or default_uri(path)
@@ -257,9 +255,8 @@ class MilvusSearch:
         self._h5 = h5py.File(path, "r")
         self._vectors = self._h5["vectors"]
         self.rows = self._h5["rows"][:]  # [N] store rows, ascending
-        with FeatureStore.open(self.store_path) as store:
-            self.fields = field_names(list(store.meta["attribute_columns"]))
-            self.ids = store.strings("ids", self.rows)  # [N] product id of each index position
+        columns, self.ids = self.catalog()  # self.ids: [N] product id of each index position
+        self.fields = field_names(columns)
         self._lookup = _IdLookup(self.ids)
         self._client = connect(self.uri, self.options.connect_timeout)
         self._lite = None if is_remote(self.uri) else os.path.abspath(self.uri)
@@ -401,6 +398,13 @@ class MilvusSearch:
             self._client.flush(self.collection)
             self._set_state(target)
         return SyncReport(upserted=len(todo), deleted=len(gone), products=len(self.rows))
+
+    def catalog(self) -> tuple[list[str], list[str]]:
+        """(the store's attribute columns, the product id of each index position)."""
+        from .store import FeatureStore
+
+        with FeatureStore.open(self.store_path) as store:
+            return list(store.meta["attribute_columns"]), store.strings("ids", self.rows)
 
     def attributes(self) -> dict[str, list[str]]:
         """{column: [N] value of each index position}."""
