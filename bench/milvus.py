@@ -235,6 +235,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--backends", nargs="+", default=["auto", "exact", "milvus"])
     parser.add_argument("--milvus-index", default="auto", help="HNSW (auto), IVF_FLAT, IVF_SQ8, FLAT")
+    parser.add_argument("--milvus-sizes", type=int, nargs="*", default=None,
+                        help="sizes at which milvus runs (default: every size; Milvus Lite takes minutes per 100k)")
     parser.add_argument("--source", default="", help="an index cache of the real catalog (default: find one)")
     parser.add_argument("--store", default=str(Path(__file__).resolve().parents[2] / "main" / "fashion.h5"),
                         help="the real catalog's store: attributes and query titles")
@@ -252,6 +254,8 @@ def main() -> None:
     encode_queries(Path(args.work) / "queries.npy", Path(args.store))
     queries = np.load(Path(args.work) / "queries.npy")
     print(f"machine: {os.cpu_count()} cores, {os.uname().machine}; load {load()}; source {source}", flush=True)
+    busy = subprocess.run(["ps", "-eo", "pcpu,etime,args", "--sort=-pcpu"], capture_output=True, text=True).stdout
+    print("busiest processes:\n" + "\n".join(line[:160] for line in busy.splitlines()[1:5]), flush=True)
     for size in args.sizes:
         work = Path(args.work) / str(size)
         work.mkdir(exist_ok=True)
@@ -260,6 +264,9 @@ def main() -> None:
         exact_top(work / "index.h5", queries, work / "truth.npy")
         print(f"{size}: data + ground truth ready ({time.perf_counter() - started:.0f} s)", flush=True)
         for backend in args.backends:
+            if backend == "milvus" and args.milvus_sizes is not None and size not in args.milvus_sizes:
+                print(json.dumps({"size": size, "backend": backend, "skipped": "not in --milvus-sizes"}), flush=True)
+                continue
             result = run_child(args, backend, size)
             print(json.dumps(result), flush=True)
             if args.json:

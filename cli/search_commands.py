@@ -132,9 +132,19 @@ def _ivfpq(nlist: int, m: int, dim: int, rerank: int, shards: int) -> object:
 
 
 def milvus_options(uri: str | None, index: str, nprobe: int = 32, ef_search: int = 128) -> object:
+    """--milvus-* options; a cluster's shards and replicas come from HSL_MILVUS_SHARDS / HSL_MILVUS_REPLICAS."""
+    import os
+
+    from hsl.errors import HSLUsageError
     from hsl.milvus import MilvusOptions
 
-    return MilvusOptions(uri=uri, index=index, nprobe=nprobe, ef_search=ef_search)  # checked when used
+    counts = {}
+    for name in ("shards", "replicas"):
+        text = os.environ.get(f"HSL_MILVUS_{name.upper()}", "1")
+        if not text.strip().isdigit():
+            raise HSLUsageError(f"HSL_MILVUS_{name.upper()} must be a positive integer, not {text!r}")
+        counts[name] = int(text)
+    return MilvusOptions(uri=uri, index=index, nprobe=nprobe, ef_search=ef_search, **counts)  # checked when used
 
 
 def _print_table(result: object) -> None:

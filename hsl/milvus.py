@@ -29,7 +29,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,8 @@ class MilvusOptions:
     nprobe: int = 32  # IVF_*: lists visited per query
     ef_search: int = 128  # HNSW: candidate list (at least the re-rank pool)
     connect_timeout: float = 10.0
+    shards: int = 1  # a new collection's shards (write channels); a cluster's query nodes split segments anyway
+    replicas: int = 1  # copies loaded on a cluster's query nodes: query throughput and failover
 
     def checked(self) -> MilvusOptions:
         index = self.index.upper() if self.index.lower() != "auto" else "auto"
@@ -79,7 +81,10 @@ class MilvusOptions:
         if self.uri is not None and not is_remote(self.uri) and not self.uri.endswith(".db"):
             raise HSLUsageError(f"--milvus-uri {self.uri}: give http://HOST:19530 for a Milvus server, or a local "
                                 "path ending in .db for Milvus Lite (e.g. catalog-milvus.db)")
-        return MilvusOptions(self.uri, index, self.nprobe, self.ef_search, self.connect_timeout)
+        for name, value in (("HSL_MILVUS_SHARDS", self.shards), ("HSL_MILVUS_REPLICAS", self.replicas)):
+            if not isinstance(value, int) or value < 1:
+                raise HSLUsageError(f"{name} must be a positive integer, not {value!r}")
+        return replace(self, index=index)
 
 
 @dataclass
@@ -327,7 +332,10 @@ class MilvusSearch:
             client.drop_collection(self.collection)
             self._set_state("")
         if not client.has_collection(self.collection):
-            client.create_collection(self.collection, schema=self._schema(), index_params=self._index_params())
+            # Strong consistency: a search right after a sync sees its deletes (a cluster's default, Bounded,
+            # may lag a moment behind; Milvus Lite is always strong).
+            client.create_collection(self.collection, schema=self._schema(), index_params=self._index_params(),
+                                     num_shards=self.options.shards, consistency_level="Strong")
         name, kind = self._vector_index()
         if not kind or (self.options.index != "auto" and kind != self.options.index):
             client.release_collection(self.collection)
@@ -336,7 +344,7 @@ class MilvusSearch:
             client.create_index(self.collection, self._index_params())
             name, kind = self._vector_index()
         self._index_type = kind
-        client.load_collection(self.collection)
+        self._load(self.collection, self.options.replicas)
         if not client.has_collection(STATE_COLLECTION):
             from pymilvus import DataType, MilvusClient
 
@@ -347,7 +355,13 @@ class MilvusSearch:
             index = client.prepare_index_params()
             index.add_index(field_name="vector", index_type="FLAT", metric_type="L2")
             client.create_collection(STATE_COLLECTION, schema=schema, index_params=index)
-        client.load_collection(STATE_COLLECTION)
+        self._load(STATE_COLLECTION, 1)
+
+    def _load(self, name: str, replicas: int) -> None:
+        """Load a collection that is not loaded; one loaded already keeps its replicas (an operator's choice)."""
+        if str(self._client.get_load_state(name).get("state", "")).endswith("Loaded"):
+            return
+        self._client.load_collection(name, **({"replica_number": replicas} if replicas > 1 else {}))
 
     def _state(self) -> str:
         found = self._client.get(STATE_COLLECTION, ids=[self.collection], output_fields=["fingerprint"])

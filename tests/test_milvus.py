@@ -261,15 +261,15 @@ def test_query_serve_and_eval_work_with_the_option(tiny_store: Path, model_dir: 
 
     assert query("--backend", "milvus", "--milvus-uri", db, "--milvus-index", "FLAT") == query("--backend", "exact")
 
-    def evaluate(*options: str) -> dict:
-        result = runner.invoke(app, ["eval", *common, "--split", "all", "--json", *options])
-        assert result.exit_code == 0, result.output
-        return json.loads(result.stdout)["metrics"]
-
-    env_milvus = {"HSL_BACKEND": "milvus", "HSL_MILVUS_URI": db, "HSL_MILVUS_INDEX": "FLAT"}
-    got = runner.invoke(app, ["eval", *common, "--split", "all", "--json"], env=env_milvus)
-    assert got.exit_code == 0, got.output
-    assert json.loads(got.stdout)["metrics"] == evaluate("--backend", "flat")
+    lines = [{"query": f"{colour} {kind}", "attributes": {"colour": colour, "kind": kind}}
+             for colour in ("red", "green", "blue") for kind in ("shirt", "dress", "shoe")]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    evaluate = ["eval", *common, "--split", "all", "--json", "--queries", str(tmp_path / "q.jsonl")]
+    want = runner.invoke(app, [*evaluate, "--backend", "flat"])
+    env_milvus = {"HSL_BACKEND": "milvus", "HSL_MILVUS_URI": db, "HSL_MILVUS_INDEX": "FLAT"}  # the env equivalent
+    got = runner.invoke(app, evaluate, env=env_milvus)
+    assert got.exit_code == 0 and want.exit_code == 0, got.output + want.output
+    assert json.loads(got.stdout)["metrics"] == json.loads(want.stdout)["metrics"]
 
     from hsl.serve import Catalog
 
