@@ -257,6 +257,7 @@ class MilvusSearch:
         self.uri = self.options.uri or default_uri(path)
         self.collection = collection_name(store_path, model_key)
         self._index_type = ""  # what the collection has, once _ensure_collection looked
+        self._attributes: dict[str, list[str]] | None = None
         self._h5 = h5py.File(path, "r")
         self._vectors = self._h5["vectors"]
         self.rows = self._h5["rows"][:]  # [N] store rows, ascending
@@ -274,7 +275,7 @@ class MilvusSearch:
 
     @property
     def exact(self) -> bool:
-        return self.options.index == "FLAT"
+        return self.index_type == "FLAT"
 
     @property
     def index_type(self) -> str:
@@ -283,10 +284,14 @@ class MilvusSearch:
 
     # -- the collection -------------------------------------------------------------------------------
     def fingerprint(self) -> str:
-        """The index cache this collection must hold: its store state, model, precision and the fields."""
+        """What this collection must hold: the index cache (store state, model, precision), the ids and the
+        attribute values (a store rebuilt with new attribute text keeps its photos' stamps and its index)."""
         attrs = {k: str(v) for k, v in self._h5.attrs.items()}
-        text = repr((sorted(attrs.items()), sorted(self.fields.items()), self._vectors.shape))
-        return hashlib.sha256(text.encode()).hexdigest()[:32]
+        digest = hashlib.sha256(repr((sorted(attrs.items()), sorted(self.fields.items()),
+                                      self._vectors.shape)).encode())
+        for values in (self.ids, *self.attributes().values()):
+            digest.update("\x1f".join(values).encode() + b"\x1e")
+        return digest.hexdigest()[:32]
 
     def _schema(self) -> Any:
         from pymilvus import DataType, MilvusClient
@@ -421,11 +426,13 @@ class MilvusSearch:
             return list(store.meta["attribute_columns"]), store.strings("ids", self.rows)
 
     def attributes(self) -> dict[str, list[str]]:
-        """{column: [N] value of each index position}."""
+        """{column: [N] value of each index position} (read once)."""
         from .store import FeatureStore
 
-        with FeatureStore.open(self.store_path) as store:
-            return store.attributes(self.rows)
+        if self._attributes is None:
+            with FeatureStore.open(self.store_path) as store:
+                self._attributes = store.attributes(self.rows)
+        return self._attributes
 
     def digests(self, ids: list[str], attributes: dict[str, list[str]]) -> np.ndarray:
         """[N] int64: a hash of each product's id, float32 vector and attribute values."""

@@ -92,8 +92,8 @@ class AttributeFilter:
     def stored_values(self, where: dict[str, str]) -> dict[str, list[str]]:
         """{column: the stored spellings of each value} ("women" -> ["Women"]), for a search engine's own
         filter (hsl/milvus.py); checked as mask() checks, with the same errors."""
-        self.mask(where)
-        return {column: sorted({v for v in self.values[column].tolist() if v.casefold() == value.casefold()})
+        self.mask(where)  # fills self._folded for these columns
+        return {column: np.unique(self.values[column][self._folded[column] == value.casefold()]).tolist()
                 for column, value in where.items()}
 
     def _suggest(self, column: str, value: str) -> str:
@@ -198,7 +198,8 @@ class Searcher:
         """Keyword arguments that hand --where to an index that filters inside its engine (Milvus), else {}."""
         if not where or not getattr(self.index, "filters_in_engine", False):
             return {}
-        self._attribute_mask(where)  # builds the attribute columns once
+        if self._attributes is None:
+            self._attribute_mask(where)  # reads the attribute columns once
         return {"where": self._attributes.stored_values(where)}
 
     @torch.no_grad()

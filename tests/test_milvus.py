@@ -151,6 +151,16 @@ def test_the_collection_follows_the_store(tmp_path: Path, model_dir: Path) -> No
     assert again.index.report.skipped and again.index.report.upserted == 0
     again.index.close()
 
+    # New attribute text, same photos: the store's stamps and the index cache stay, the collection follows.
+    kinds = ["new kind" if i < 5 else f"k{int(pid[1:]) % 5}" for i, pid in enumerate(second)]
+    _write_store(store, second, kinds)
+    relabelled = _searcher(store, model_dir)
+    try:
+        assert (relabelled.index.report.upserted, relabelled.index.report.deleted) == (5, 0)
+        assert sorted(_ids(relabelled.search("product", 10, {"kind": "New Kind"}))) == sorted(list(second)[:5])
+    finally:
+        relabelled.index.close()
+
 
 def _wal_written(db: Path) -> bool:
     """Whether Milvus Lite has logged any product upsert yet (its write-ahead log, on disk before the reply)."""
