@@ -264,7 +264,11 @@ class MilvusSearch:
         columns, self.ids = self.catalog()  # self.ids: [N] product id of each index position
         self.fields = field_names(columns)
         self._lookup = _IdLookup(self.ids)
-        self._client = connect(self.uri, self.options.connect_timeout)
+        try:
+            self._client = connect(self.uri, self.options.connect_timeout)
+        except HSLError:
+            self._h5.close()
+            raise
         self._lite = None if is_remote(self.uri) else os.path.abspath(self.uri)
         if self._lite:
             _LITE_USERS[self._lite] = _LITE_USERS.get(self._lite, 0) + 1

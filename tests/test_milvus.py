@@ -76,6 +76,10 @@ def test_flat_index_ranks_exactly_like_the_exact_backend(tiny_store: Path, model
                 assert _ids(got) == _ids(want) and _ids(got)
                 np.testing.assert_allclose([h.score for h in got.hits], [h.score for h in want.hits], rtol=1e-5,
                                            atol=1e-6)
+        allowed = np.zeros(len(milvus.rows), bool)  # a few products by id (eval's test split): `id in [...]`
+        allowed[[3, 10, 11, 50]] = True
+        vector = np.asarray(milvus.index._vectors[0], np.float32)
+        assert sorted(milvus.index.search(vector, 10, allowed)[0].tolist()) == [3, 10, 11, 50]
     finally:
         milvus.index.close()
 
