@@ -9,7 +9,16 @@ import typer
 from rich.table import Table
 
 from .app import app
-from .options import DeviceOption, JsonOption, PrecisionOption, QuietOption, StoreOption
+from .options import (
+    BackendOption,
+    DeviceOption,
+    JsonOption,
+    MilvusIndexOption,
+    MilvusUriOption,
+    PrecisionOption,
+    QuietOption,
+    StoreOption,
+)
 from .render import err, handle_errors, out, print_json, progress_bar
 
 ModelOption = Annotated[Path, typer.Option("--model", "-m", help="Trained model folder.")]
@@ -83,6 +92,9 @@ def evaluate(
                                                  "query ranks only its own pool; official NDCG@5.")] = None,
     split: Annotated[str, typer.Option(help="auto (the model's test split), all, train, val or test.")] = "auto",
     hierarchy: Annotated[str | None, typer.Option(help="Category columns, root first, for HP@K.")] = None,
+    backend: BackendOption = "exact",
+    milvus_uri: MilvusUriOption = None,
+    milvus_index: MilvusIndexOption = "auto",
     device: DeviceOption = "cpu",
     precision: PrecisionOption = "auto",
     json_output: JsonOption = False,
@@ -91,10 +103,12 @@ def evaluate(
     from hsl.evaluate import evaluate as run_eval
     from hsl.extract import resolve_device
 
+    from .search_commands import milvus_options
+
     columns = [c.strip() for c in hierarchy.split(",")] if hierarchy else None
     result = run_eval(store, model, str(queries) if queries else None, split=split, hierarchy=columns,
                       device=str(resolve_device(device)), answers_path=str(answers) if answers else None,
-                      precision=precision)
+                      precision=precision, backend=backend, milvus=milvus_options(milvus_uri, milvus_index))
     if json_output:
         print_json(result)
         return

@@ -14,7 +14,8 @@ PrecisionOption = Annotated[str, typer.Option(
     "fp32, bf16 or fp16.")]
 BatchOption = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Items per forward pass.")]
 BackendOption = Annotated[str, typer.Option(
-    help="Search index: auto, exact, flat (faiss), ivf, hnsw or ivfpq (approximate; ivfpq for 10M+ products).")]
+    envvar="HSL_BACKEND", help="Search index: auto, exact, flat (faiss), ivf, hnsw or ivfpq (approximate; ivfpq "
+    "for 10M+ products), or milvus (a Milvus collection: --milvus-uri).")]
 NprobeOption = Annotated[int, typer.Option(min=1, help="ivf, ivfpq: clusters visited per query (and shard).")]
 NlistOption = Annotated[int, typer.Option(help="ivfpq: clusters per shard (0: a power of two near sqrt(products)).")]
 PqMOption = Annotated[int, typer.Option("--pq-m", help="ivfpq: bytes of product-quantised code per product.")]
@@ -22,3 +23,9 @@ PcaDimOption = Annotated[int, typer.Option(help="ivfpq: PCA dimension before qua
 RerankOption = Annotated[int, typer.Option(help="ivfpq: candidates per shard re-scored exactly from disk.")]
 ShardsOption = Annotated[int, typer.Option(help="ivfpq: index files the products are split into.")]
 EfSearchOption = Annotated[int, typer.Option(min=1, help="hnsw: candidate list size per query.")]
+MilvusUriOption = Annotated[str | None, typer.Option(
+    envvar="HSL_MILVUS_URI", help="milvus: http://HOST:19530 (Milvus standalone or cluster) or a local path "
+    "ending in .db (Milvus Lite, embedded). Default: STORE.index/milvus.db.")]
+MilvusIndexOption = Annotated[str, typer.Option(
+    envvar="HSL_MILVUS_INDEX", help="milvus: the collection's index: auto (HNSW), HNSW, IVF_FLAT, IVF_SQ8, IVF_PQ, "
+    "DISKANN (cluster only) or FLAT (exhaustive).")]

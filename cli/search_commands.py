@@ -15,6 +15,8 @@ from .options import (
     DeviceOption,
     EfSearchOption,
     JsonOption,
+    MilvusIndexOption,
+    MilvusUriOption,
     NlistOption,
     NprobeOption,
     PcaDimOption,
@@ -61,6 +63,8 @@ def query(
     pca_dim: PcaDimOption = 256,
     rerank: RerankOption = 400,
     shards: ShardsOption = 1,
+    milvus_uri: MilvusUriOption = None,
+    milvus_index: MilvusIndexOption = "auto",
     device: DeviceOption = "cpu",
     precision: PrecisionOption = "auto",
     quiet: QuietOption = False,
@@ -81,7 +85,7 @@ def query(
     with progress_bar("indexing", quiet, unit="products") as progress:
         searcher = Searcher(store, model, device=device, progress=progress, backend=backend, nprobe=nprobe,
                             ef_search=ef_search, ivfpq=_ivfpq(nlist, pq_m, pca_dim, rerank, shards),
-                            precision=precision)
+                            precision=precision, milvus=milvus_options(milvus_uri, milvus_index, nprobe, ef_search))
     results = [searcher.search(t, top_k=top_k, where=filters) for t in texts]
     if model is None and not quiet:  # after the search: a bad --where is then the only line on stderr
         err.print(f"using the default model ({display_path(searcher.model_dir)})", highlight=False)
@@ -127,6 +131,22 @@ def _ivfpq(nlist: int, m: int, dim: int, rerank: int, shards: int) -> object:
     return IVFPQOptions(nlist=nlist, m=m, dim=dim, rerank=rerank, shards=shards)  # checked against the index
 
 
+def milvus_options(uri: str | None, index: str, nprobe: int = 32, ef_search: int = 128) -> object:
+    """--milvus-* options; a cluster's shards and replicas come from HSL_MILVUS_SHARDS / HSL_MILVUS_REPLICAS."""
+    import os
+
+    from hsl.errors import HSLUsageError
+    from hsl.milvus import MilvusOptions
+
+    counts = {}
+    for name in ("shards", "replicas"):
+        text = os.environ.get(f"HSL_MILVUS_{name.upper()}", "1")
+        if not text.strip().isdigit():
+            raise HSLUsageError(f"HSL_MILVUS_{name.upper()} must be a positive integer, not {text!r}")
+        counts[name] = int(text)
+    return MilvusOptions(uri=uri, index=index, nprobe=nprobe, ef_search=ef_search, **counts)  # checked when used
+
+
 def _print_table(result: object) -> None:
     table = Table(title=f"“{result.query}”", title_justify="left")
     for name, justify in (("#", "right"), ("score", "right"), ("id", "left"), ("title", "left"),
@@ -151,6 +171,8 @@ def index(
     pq_m: PqMOption = 64,
     pca_dim: PcaDimOption = 256,
     shards: ShardsOption = 1,
+    milvus_uri: MilvusUriOption = None,
+    milvus_index: MilvusIndexOption = "auto",
     device: DeviceOption = "cpu",
     precision: PrecisionOption = "auto",
     quiet: QuietOption = False,
@@ -161,11 +183,19 @@ def index(
 
     with progress_bar("indexing", quiet, unit="products") as progress:
         searcher = Searcher(store, model, device=device, progress=progress, backend=backend,
-                            ivfpq=_ivfpq(nlist, pq_m, pca_dim, 400, shards), precision=precision)
+                            ivfpq=_ivfpq(nlist, pq_m, pca_dim, 400, shards), precision=precision,
+                            milvus=milvus_options(milvus_uri, milvus_index))
     payload = {"store": str(store), "model": str(searcher.model_dir), "products": len(searcher.rows),
                "backend": searcher.index.backend, "exact_inner_product": searcher.config.exact_by_inner_product,
                "precision": searcher.precision.name}
+    report = getattr(searcher.index, "report", None)  # milvus: what the sync sent
+    if report is not None:
+        payload["milvus"] = {"uri": searcher.index.uri, "collection": searcher.index.collection,
+                             "index": searcher.index.index_type, **report.__dict__}
     if json_output:
         print_json(payload)
-    else:
-        out.print(f"{payload['backend']} index of {payload['products']} products ready", highlight=False)
+        return
+    out.print(f"{payload['backend']} index of {payload['products']} products ready", highlight=False)
+    if report is not None:
+        change = "already in sync" if report.skipped else f"{report.upserted} upserted, {report.deleted} deleted"
+        out.print(f"collection {searcher.index.collection} at {searcher.index.uri}: {change}", highlight=False)

@@ -8,9 +8,17 @@ from typing import Annotated
 import typer
 
 from .app import app
-from .options import BackendOption, DeviceOption, PrecisionOption, QuietOption, StoreOption
+from .options import (
+    BackendOption,
+    DeviceOption,
+    MilvusIndexOption,
+    MilvusUriOption,
+    PrecisionOption,
+    QuietOption,
+    StoreOption,
+)
 from .render import display_path, err, handle_errors, progress_bar
-from .search_commands import ModelOption
+from .search_commands import ModelOption, milvus_options
 
 
 @app.command()
@@ -21,6 +29,8 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port).")] = 8000,
     backend: BackendOption = "auto",
+    milvus_uri: MilvusUriOption = None,
+    milvus_index: MilvusIndexOption = "auto",
     device: DeviceOption = "cpu",
     precision: PrecisionOption = "auto",
     quiet: QuietOption = False,
@@ -29,7 +39,8 @@ def serve(
     from hsl.serve import Catalog, serve_catalog
 
     with progress_bar("indexing", quiet, unit="products") as progress:
-        catalog = Catalog(store, model, device=device, backend=backend, progress=progress, precision=precision)
+        catalog = Catalog(store, model, device=device, backend=backend, progress=progress, precision=precision,
+                          milvus=milvus_options(milvus_uri, milvus_index))
     if model is None and not quiet:
         err.print(f"using the default model ({display_path(catalog.searcher.model_dir)})", highlight=False)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from .errors import HSLError, HSLUsageError, os_error_message
 from .metrics import graded_ndcg_at_k, hierarchical_precision_at_k, mrr, summarize
 from .model_files import check_backbone
 from .precision import resolve_precision
+
+if TYPE_CHECKING:
+    from .milvus import MilvusOptions
 
 _BLOCK = 256  # queries or gallery images per block: bounds memory of the [Bq, Bi, R] object scores
 
@@ -104,14 +108,19 @@ def attribute_gains(gallery: Products, wanted: dict[str, str]) -> np.ndarray:
 
 def evaluate(store_path: str | os.PathLike, model_dir: str | os.PathLike, queries_path: str | None = None,
              split: str = "auto", hierarchy: list[str] | None = None, device: str = "cpu",
-             answers_path: str | None = None, precision: str = "auto") -> dict:
+             answers_path: str | None = None, precision: str = "auto", backend: str = "exact",
+             milvus: MilvusOptions | None = None) -> dict:
     """Metrics of a trained model on a store; see the module docstring for the query kinds.
 
     With `answers_path` (KDD Cup 2020 valid_answer.json) each query ranks only its own pool (hsl.pools).
+    `backend` "exact" scores every query against every gallery product; any other (ivf, hnsw, milvus, ...)
+    ranks through that search index as `hsl query` does, restricted to the gallery: its quality as served.
     """
     if answers_path is not None:
         if queries_path is not None:
             raise HSLUsageError("give --queries or --answers, not both")
+        if backend != "exact":
+            raise HSLUsageError("--answers ranks each query's own pool of candidates exactly; leave out --backend")
         from .pools import evaluate_pools
 
         return evaluate_pools(store_path, model_dir, answers_path, device=device, precision=precision)
@@ -129,16 +138,24 @@ def evaluate(store_path: str | os.PathLike, model_dir: str | os.PathLike, querie
         max_text_tokens = int(store.meta["max_text_tokens"])
     gallery = _split_products(products, meta, split).loaded()  # only the scored split's features in memory
     k = 10
+    by_index = None if backend == "exact" else IndexRanker(store_path, model_dir, gallery, torch_device, precision,
+                                                           backend, milvus)
     if queries_path is None:
-        ranked = rank_products(model, gallery, gallery.tokens, gallery.token_mask, torch_device, top_k=k)
+        if by_index:
+            ranked = [[gallery.ids[j] for j in row] for row in by_index.top(gallery.tokens, gallery.token_mask, k)]
+        else:
+            ranked = rank_products(model, gallery, gallery.tokens, gallery.token_mask, torch_device, top_k=k)
         relevant = [{i} for i in gallery.ids]
         metrics = summarize(ranked, relevant)
         query_paths = None if not hierarchy else [_path(gallery, hierarchy, i) for i in range(len(gallery))]
     else:
         queries = read_queries(queries_path)
         tokens, mask = encode_query_texts(meta["backbone"], queries.texts, max_text_tokens, precision)
-        scores = score_matrix(model, encode_gallery(model, gallery, torch_device), tokens, mask, torch_device)
-        top = scores.topk(min(k, len(gallery)), dim=1).indices.tolist()
+        if by_index:
+            top = by_index.top(tokens, mask, k)
+        else:
+            scores = score_matrix(model, encode_gallery(model, gallery, torch_device), tokens, mask, torch_device)
+            top = scores.topk(min(k, len(gallery)), dim=1).indices.tolist()
         ranked = [[gallery.ids[j] for j in row] for row in top]
         metrics = {}
         if queries.relevant is not None:
@@ -158,6 +175,35 @@ def evaluate(store_path: str | os.PathLike, model_dir: str | os.PathLike, querie
     return {"metrics": {key: round(float(v), 6) for key, v in metrics.items()}, "queries": len(ranked),
             "gallery": len(gallery), "split": split if split != "auto" else _auto_split(meta),
             "precision": resolved.name}
+
+
+class IndexRanker:
+    """Top-k gallery indices per query through a search backend (Searcher.rank): the index's candidates,
+    filtered to the gallery products, re-scored as `hsl query` re-scores them."""
+
+    def __init__(self, store_path: str | os.PathLike, model_dir: str | os.PathLike, gallery: Products,
+                 device: torch.device, precision: str, backend: str, milvus: MilvusOptions | None) -> None:
+        from .search import Searcher
+        from .store import FeatureStore
+
+        self.searcher = Searcher(store_path, model_dir, device=str(device), backend=backend, precision=precision,
+                                 milvus=milvus)
+        with FeatureStore.open(store_path) as store:
+            index_ids = store.strings("ids", self.searcher.rows)
+        where = {pid: j for j, pid in enumerate(gallery.ids)}
+        self.gallery_of = np.array([where.get(pid, -1) for pid in index_ids], dtype=np.int64)  # [N] or -1
+        self.allowed = None if (self.gallery_of >= 0).all() else self.gallery_of >= 0
+        self.device = device
+
+    @torch.no_grad()
+    def top(self, tokens: torch.Tensor, token_mask: torch.Tensor, k: int) -> list[list[int]]:
+        model = self.searcher.model
+        rows = []
+        for i in range(len(tokens)):  # one query at a time, as served
+            text = model.encode_text(tokens[i:i + 1].to(self.device).float(), token_mask[i:i + 1].to(self.device))
+            positions, _ = self.searcher.rank(text, k, self.allowed)
+            rows.append(self.gallery_of[positions].tolist())
+        return rows
 
 
 def _query_paths(queries: Queries, hierarchy: list[str] | None) -> list[tuple[str, ...]] | None:

@@ -20,7 +20,7 @@ import numpy as np
 from .ann import IVFPQOptions, ShardedIVFPQ, best_exact, build, read_rows
 from .errors import HSLUsageError
 
-BACKENDS = ("auto", "exact", "flat", "ivf", "hnsw", "ivfpq")
+BACKENDS = ("auto", "exact", "flat", "ivf", "hnsw", "ivfpq", "milvus")  # milvus: hsl/milvus.py, never "auto"
 EXACT_LIMIT_BYTES = 1 << 30  # "auto": exact in-RAM matrix product while the float32 vectors fit in 1 GB
 # "auto": ivfpq (64 B of code per product) once ivf's 8-bit codes (1 B per dimension) would pass 4 GB,
 # about 4M products of the default 1,024 dimensions (docs/scaling.md).
@@ -37,6 +37,8 @@ class VectorSearch:
                  ivfpq: IVFPQOptions | None = None) -> None:
         if backend not in BACKENDS:
             raise HSLUsageError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        if backend == "milvus":
+            raise HSLUsageError("the milvus backend is hsl.milvus.MilvusSearch (Searcher picks it), not VectorSearch")
         self.path = path
         self._h5 = h5py.File(path, "r")
         self._vectors = self._h5["vectors"]

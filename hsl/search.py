@@ -29,6 +29,7 @@ from .store import FeatureStore
 if TYPE_CHECKING:
     import torch
 
+    from .milvus import MilvusOptions
     from .model import HSLModel, TextEncoding
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
@@ -94,6 +95,13 @@ class AttributeFilter:
             keep &= match
         return keep
 
+    def stored_values(self, where: dict[str, str]) -> dict[str, list[str]]:
+        """{column: the stored spellings of each value} ("women" -> ["Women"]), for a search engine's own
+        filter (hsl/milvus.py); checked as mask() checks, with the same errors."""
+        self.mask(where)  # fills self._folded for these columns
+        return {column: np.unique(self.values[column][self._folded[column] == value.casefold()]).tolist()
+                for column, value in where.items()}
+
     def _suggest(self, column: str, value: str) -> str:
         """ " (did you mean Women?)" for a near miss such as "Woman", else nothing."""
         import difflib
@@ -145,7 +153,8 @@ class Searcher:
     def __init__(self, store_path: str | os.PathLike, model_dir: str | os.PathLike | None = None,
                  device: str = "cpu", progress: Callable[[int, int], None] | None = None,
                  backend: str = "auto", nprobe: int = 32, ef_search: int = 128,
-                 ivfpq: IVFPQOptions | None = None, precision: str = "auto", keep_strings: bool = False) -> None:
+                 ivfpq: IVFPQOptions | None = None, precision: str = "auto", keep_strings: bool = False,
+                 milvus: MilvusOptions | None = None) -> None:
         self.store_path = Path(store_path)
         self.device = _resolve_device(device)  # before any work: a missing GPU is one clear line, not a traceback
         self.precision = resolve_precision(precision, self.device)
@@ -164,7 +173,12 @@ class Searcher:
         self._attributes: AttributeFilter | None = None
         self._store: FeatureStore | None = None
         path = refresh_index(self.store_path, lambda: self.model, self.model_key, self.precision.name, progress)
-        self.index = VectorSearch(path, backend, nprobe, ef_search, ivfpq)
+        if backend == "milvus":  # a Milvus collection that follows the index cache (hsl/milvus.py)
+            from .milvus import MilvusSearch
+
+            self.index = MilvusSearch(path, self.store_path, self.model_key, milvus, progress)
+        else:
+            self.index = VectorSearch(path, backend, nprobe, ef_search, ivfpq)
         self.rows = self.index.rows  # [N] store row of each index vector (-1: dropped, never a result)
         self.strings: CatalogStrings | None = None
         if keep_strings:
@@ -236,18 +250,37 @@ class Searcher:
                                                     for k, v in store.attributes(self.rows).items()})
         return self._attributes.mask(where)
 
+    def engine_filter(self, where: dict[str, str] | None) -> dict:
+        """Keyword arguments that hand --where to an index that filters inside its engine (Milvus), else {}."""
+        if not where or not getattr(self.index, "filters_in_engine", False):
+            return {}
+        if self._attributes is None:
+            self._attribute_mask(where)  # reads the attribute columns once
+        return {"where": self._attributes.stored_values(where)}
+
     def search(self, query: str, top_k: int = 10, where: dict[str, str] | None = None) -> SearchResult:
         if top_k < 1:
             raise HSLUsageError(f"--top-k must be at least 1, got {top_k}")
         text, warnings = clean_query(query)
         q, text_enc = self.query_vector(text)
         allowed = self._attribute_mask(where) if where else None
+        positions, scores = self.rank(text_enc, top_k, allowed, self.engine_filter(where), query_vector=q)
+        return SearchResult(text, self.hits(positions, scores), warnings)
+
+    def rank(self, text_enc: TextEncoding | None, top_k: int, allowed: np.ndarray | None = None,
+             engine_filter: dict | None = None, query_vector: np.ndarray | None = None,
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """(index positions, HSL scores) of the top_k products for one query, best first: its torch encoding,
+        or (numpy path) its query vector, which AGG = mean needs alone."""
+        if query_vector is None:
+            query_vector = self.model.query_vectors(text_enc)[0].detach().cpu().numpy()  # [D]
         exact = self.config.exact_by_inner_product  # else: inner products only gather candidates
-        positions, scores = self.index.search(q, top_k if exact else max(top_k, RERANK_CANDIDATES), allowed)
+        positions, scores = self.index.search(query_vector, top_k if exact else max(top_k, RERANK_CANDIDATES),
+                                              allowed, **(engine_filter or {}))
         if not exact and len(positions):
             scores = self._exact_scores(text_enc, positions)
             positions, scores = best_exact(positions, scores, top_k)  # equal scores in store order
-        return SearchResult(text, self.hits(positions, scores), warnings)
+        return positions, scores
 
     def _exact_scores(self, text_enc: TextEncoding, candidates: np.ndarray) -> np.ndarray:
         """Full HSL scores (any AGG) for a few candidate products, from their stored regions."""

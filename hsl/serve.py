@@ -30,12 +30,16 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .errors import HSLError, HSLUsageError
 from .search import Hit, Searcher, SearchResult, clean_query
+
+if TYPE_CHECKING:
+    from .milvus import MilvusOptions
 
 MAX_TOP_K = 100
 MAX_FILTER_VALUES = 100  # a column with more distinct values (ids, free text) gets no dropdown
@@ -58,9 +62,10 @@ class Catalog:
 
     def __init__(self, store_path: str | os.PathLike, model_dir: str | os.PathLike | None = None, *,
                  device: str = "cpu", backend: str = "auto", progress: Callable[[int, int], None] | None = None,
-                 max_parallel: int | None = None, precision: str = "auto") -> None:
+                 max_parallel: int | None = None, precision: str = "auto", milvus: MilvusOptions | None = None
+                 ) -> None:
         self.searcher = Searcher(store_path, model_dir, device=device, progress=progress, backend=backend,
-                                 precision=precision, keep_strings=True)
+                                 precision=precision, keep_strings=True, milvus=milvus)
         strings = self.searcher.strings  # one copy of the catalog's strings and its attribute filter
         self.columns, self.ids, self._texts, self._images = strings.columns, strings.ids, strings.texts, strings.images
         self._filter = strings.attributes
@@ -134,7 +139,8 @@ class Catalog:
         vector = np.asarray(index._vectors[position], dtype=np.float32)  # [D]
         with self._slots:
             # Unfiltered: one extra, since the product itself is (nearly always) its own best match.
-            positions, scores = index.search(vector, top_k if allowed is not None else top_k + 1, allowed)
+            positions, scores = index.search(vector, top_k if allowed is not None else top_k + 1, allowed,
+                                             **self.searcher.engine_filter(where))
         keep = positions != position
         return SearchResult(query=f"more like {product_id}", hits=self.hits(positions[keep][:top_k],
                                                                              scores[keep][:top_k]))
