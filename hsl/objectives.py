@@ -21,7 +21,8 @@ from .config import ModelConfig
 from .dataset import Products
 from .errors import HSLError, HSLUsageError
 from .huse import HUSELoss, class_name_distances
-from .losses import LossBatch, LossContext, build_losses, loss_embeddings
+from .loss_batch import LossBatch, loss_embeddings
+from .losses import LossContext, build_losses
 
 OBJECTIVES_FILE = "objectives.safetensors"
 

@@ -288,6 +288,6 @@ def _resolve_device(device: str) -> str:
     """`cpu` needs no torch; anything else (auto, cuda[:N]) is checked by torch, then named as a string."""
     if device == "cpu":
         return device
-    from .extract import resolve_device
+    from .devices import resolve_device
 
     return str(resolve_device(device))

@@ -181,21 +181,3 @@ def bind(host: str, port: int) -> socket.socket:
 def url_of(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def serve_catalog(catalog: Catalog, host: str = "127.0.0.1", port: int = 8000, *, access_log: bool = True,
-          ready: Callable[[str], None] | None = None) -> None:
-    """Serve the page and the JSON API until Ctrl-C / SIGTERM; `ready(url)` once the port is bound."""
-    import uvicorn
-
-    from .serve_api import create_app
-
-    sock = bind(host, port)
-    if ready:
-        ready(url_of(sock))
-    config = uvicorn.Config(create_app(catalog), log_level="info" if access_log else "warning",
-                            access_log=access_log, timeout_graceful_shutdown=5)
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises the Ctrl-C: the normal way to stop
-        pass
