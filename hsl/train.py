@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__, distributed
+from .atomic import write_text_atomic
 from .checkpoint import Checkpoint
 from .config import load_config
 from .dataset import Products, Split, feature_bytes, load_products
@@ -58,12 +59,6 @@ class TrainOptions:
     precision: str = "auto"  # of the towers' forward passes; auto: the fastest on the device (hsl/precision.py)
     max_products: int | None = None  # train on a seeded sample of this many training products (None: all)
     memory_budget: int = 2 << 30  # bytes of features held in memory; a larger training set streams from the store
-
-
-def _atomic_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -163,7 +158,7 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
         record, start_epoch = state["record"], state["epoch"]
     if me.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_json(out / "train_args.json", {**args, "processes": me.world})
+        write_text_atomic(out / "train_args.json", json.dumps({**args, "processes": me.world}, indent=2))
     towers = _Towers(model)
     if me.distributed:
         towers = DistributedDataParallel(towers, device_ids=[device.index] if device.type == "cuda" else None)
@@ -184,7 +179,7 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
             record["best"] = entry
             save_model(model, out, {**meta, "epoch": epoch + 1, "split": asdict(split)})
             save_heads(out, losses, context)
-        _atomic_json(out / "metrics.json", record)
+        write_text_atomic(out / "metrics.json", json.dumps(record, indent=2))
         # The checkpoint goes last: a kill before this line redoes the epoch, with the same result.
         tensors = {"model": model.state_dict(), "optimizer": _optimizer_tensors(optimizer)}
         heads = heads_state(losses)
