@@ -1,7 +1,7 @@
 """Products from a store as model inputs, and the deterministic id-based splits.
 
 The image input of HSL is a set of regions: the whole-image vector first, then the grid cells
-(DESIGN.md: "regions ... plus the whole-image feature"). Tensors stay float16 in memory (the
+(docs/design.md §1: a grid of region vectors plus the whole-image vector). Tensors stay float16 in memory (the
 catalog's 7.4k products take about 1 GB) and become float32 one batch at a time.
 """
 

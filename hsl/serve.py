@@ -11,7 +11,7 @@ Product strings (id, title, photo path, attributes) are read once into memory: /
 /images are a dict lookup, and a photo is only ever served from the path the store holds for an
 id, never from a path in the request.
 
-"More like this" is image-to-image search over the stored HSL index vectors (DESIGN.md §2): the
+"More like this" is image-to-image search over the stored HSL index vectors (docs/design.md §2): the
 query is the clicked product's own vector x_a = [mean O^1, v^1, ..., mean O^L, v^L], and product
 b scores <x_a, x_b> = sum over levels of cos(v_a^l, v_b^l) + <mean O_a^l, mean O_b^l> (the image
 vectors are unit length, the mean object vectors at most so): no level weights, no text. Its

@@ -473,7 +473,7 @@ def _read_meta(path: Path, handle: h5py.File) -> dict:
     for key, value in attrs.items():
         if isinstance(value, bytes):
             value = value.decode()
-        if isinstance(value, str) and value[:1] in "[{":
+        if isinstance(value, str) and value.startswith(("[", "{")):  # JSON lists and dicts; "" stays a string
             value = json.loads(value)
         elif isinstance(value, np.generic):
             value = value.item()

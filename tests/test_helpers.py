@@ -10,6 +10,7 @@ import torch
 
 from hsl.atomic import write_atomic, write_text_atomic
 from hsl.masks import token_mask
+from hsl.store import FeatureStore, RowPlan
 from hsl.top_k import top_k, top_k_rows
 
 
@@ -47,3 +48,13 @@ def test_atomic_write_replaces_the_file_whole(tmp_path: Path):
     assert path.read_text() == "old"  # a failed write leaves the old file as it was
     write_text_atomic(path, "new")
     assert path.read_text() == "new" and not (tmp_path / "metrics.json.tmp").exists()
+
+
+def test_an_empty_string_in_the_store_meta_stays_a_string(tmp_path: Path):
+    from hsl.backbones import create_backbone
+
+    meta = {**create_backbone("tiny").describe(), "hsl_version": ""}  # "" is not JSON: it must not be parsed
+    FeatureStore.build(tmp_path / "s.h5", meta, [RowPlan("a", "/a.jpg", "a title", {"kind": ""}, 1, 1)], ["kind"])
+    with FeatureStore.open(tmp_path / "s.h5") as store:
+        assert store.meta["hsl_version"] == "" and store.meta["attribute_columns"] == ["kind"]
+        assert store.attributes()["kind"] == [""]
