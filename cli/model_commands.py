@@ -49,8 +49,8 @@ def train(
 
     Under `torchrun --nproc-per-node N` the processes share each batch (DistributedDataParallel);
     rank 0 alone reports and writes."""
+    from hsl.devices import resolve_device
     from hsl.distributed import from_env
-    from hsl.extract import resolve_device
     from hsl.train import TrainOptions
     from hsl.train import train as run_train
 
@@ -100,8 +100,8 @@ def evaluate(
     json_output: JsonOption = False,
 ) -> None:
     """Score a trained model: Recall@K, MRR, mAP, P@K, NDCG@5 (KDD Cup 2020), graded NDCG@10, HP@K."""
+    from hsl.devices import resolve_device
     from hsl.evaluate import evaluate as run_eval
-    from hsl.extract import resolve_device
 
     from .search_commands import milvus_options
 

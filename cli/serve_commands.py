@@ -36,7 +36,8 @@ def serve(
     quiet: QuietOption = False,
 ) -> None:
     """Serve a search page at / and a JSON API (OpenAPI at /docs) until Ctrl-C."""
-    from hsl.serve import Catalog, serve_catalog
+    from hsl.serve import Catalog
+    from hsl.serve_api import serve_catalog
 
     with progress_bar("indexing", quiet, unit="products") as progress:
         catalog = Catalog(store, model, device=device, backend=backend, progress=progress, precision=precision,

@@ -1,4 +1,4 @@
-"""Dataset formats hsl reads: photo folders and CSV/JSONL manifests (KDD Cup 2020 TSV later)."""
+"""Dataset formats hsl reads: photo folders and CSV/JSONL manifests (sources.py), KDD Cup 2020 TSV (kdd.py)."""
 
 from .sources import Rejected, SourceItem, SourceListing, read_source
 

@@ -1,6 +1,8 @@
 """hsl: find product photos from a shopper's words with Hierarchical Similarity Learning.
 
-The public API is imported lazily so that `import hsl` (and `hsl --help`) stays fast.
+The public API is imported lazily so that `import hsl` (and `hsl --help`) stays fast. The functions
+that share their module's name are imported from the module: `from hsl.train import train`,
+`from hsl.evaluate import evaluate` (once a submodule is imported, `hsl.NAME` is the module).
 """
 
 from __future__ import annotations
@@ -19,13 +21,19 @@ _EXPORTS = {
     "extract": "extract",
     "ExtractOptions": "extract",
     "ExtractReport": "extract",
+    "TrainOptions": "train",
+    "Trainer": "train",
+    "Searcher": "search",
+    "SearchResult": "search",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .backbones import create_backbone  # noqa: F401
     from .errors import HSLError, HSLUsageError, StoreMismatchError  # noqa: F401
     from .extract import ExtractOptions, ExtractReport, extract  # noqa: F401
+    from .search import Searcher, SearchResult  # noqa: F401
     from .store import FeatureStore  # noqa: F401
+    from .train import Trainer, TrainOptions  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import write_atomic
 from .errors import HSLUsageError
 
 _ADD_BLOCK = 65536
@@ -70,6 +71,13 @@ class IVFPQOptions:
     def tag(self) -> str:
         """Names the build-time knobs in the shard files, so changing one never reuses a stale index."""
         return f"ivfpq-d{self.dim}-m{self.m}-l{self.nlist}-s{self.shards}"
+
+
+def write_index(index: object, path: Path) -> None:
+    """A faiss index to `path`, atomically: a killed build leaves no file a query would trust."""
+    import faiss
+
+    write_atomic(path, lambda tmp: faiss.write_index(index, str(tmp)))
 
 
 def _divisor(dim: int) -> int:
@@ -153,9 +161,7 @@ def write_shards(trained: Any, vectors: Any, opts: IVFPQOptions, paths: Sequence
             done += hi - lo
             if progress:
                 progress(done, n)
-        tmp = path.with_name(path.name + ".tmp")
-        faiss.write_index(index, str(tmp))
-        os.replace(tmp, path)  # a killed build leaves no shard file a query would trust
+        write_index(index, path)
         del index
 
 

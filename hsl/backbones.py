@@ -1,4 +1,5 @@
-"""Frozen feature backbones: the only module that imports transformers, timm and open_clip.
+"""Frozen feature backbones: the only module that imports timm and open_clip
+(MiniLM runs on torch and tokenizers alone, hsl/minilm.py).
 
 A backbone turns a batch of RGB photos into a whole-image vector plus region vectors (the grid
 cells of the last feature map, or a ViT's patch tokens) and a batch of titles into token states

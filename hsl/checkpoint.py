@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import write_atomic
 from .errors import HSLError
 
 
@@ -43,9 +44,7 @@ class Checkpoint:
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
             shutil.rmtree(final, ignore_errors=True)  # left by a kill between this rename and `latest`
             os.replace(tmp, final)
-            pointer = self.folder / "latest.tmp"
-            pointer.write_text(name)
-            os.replace(pointer, self.folder / "latest")
+            write_atomic(self.folder / "latest", lambda pointer: pointer.write_text(name))
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise HSLError(f"{self.folder}: could not write the epoch {epoch} checkpoint ({exc}); free disk space "

@@ -1,7 +1,7 @@
 """Products from a store as model inputs, and the deterministic id-based splits.
 
 The image input of HSL is a set of regions: the whole-image vector first, then the grid cells
-(DESIGN.md: "regions ... plus the whole-image feature"). Tensors stay float16 in memory (the
+(docs/design.md §1: a grid of region vectors plus the whole-image vector). Tensors stay float16 in memory (the
 catalog's 7.4k products take about 1 GB) and become float32 one batch at a time.
 """
 
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import HSLError
+from .masks import token_mask
 from .store import DONE, FeatureStore
 
 TEST_SALT = "hsl-test-split"  # fixed: the test split never depends on the training seed
@@ -138,9 +139,7 @@ def image_inputs(features: dict[str, np.ndarray], meta: dict, region_grid: int =
 def token_inputs(features: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """A block of store features -> ([n, T, Dt] float16 title tokens, [n, T] bool mask)."""
     lengths = torch.from_numpy(features["text_lengths"]).long()
-    positions = torch.arange(features["text_tokens"].shape[1])
-    token_mask = positions[None] < lengths.clamp(min=1)[:, None]  # [n,T]; an empty title keeps one zero token
-    return torch.from_numpy(features["text_tokens"]), token_mask
+    return torch.from_numpy(features["text_tokens"]), token_mask(lengths, features["text_tokens"].shape[1])  # [n,T]
 
 
 class StoreRows:

@@ -17,9 +17,11 @@ import torch
 
 from .dataset import Products, Split, load_products
 from .errors import HSLError, HSLUsageError, os_error_message
+from .masks import token_mask
 from .metrics import graded_ndcg_at_k, hierarchical_precision_at_k, mrr, summarize
 from .model_files import check_backbone
 from .precision import resolve_precision
+from .top_k import top_k_rows
 
 if TYPE_CHECKING:
     from .milvus import MilvusOptions
@@ -54,7 +56,7 @@ def score_matrix(model: torch.nn.Module, gallery_blocks: list, tokens: torch.Ten
 def rank_products(model: torch.nn.Module, gallery: Products, tokens: torch.Tensor, token_mask: torch.Tensor,
                   device: torch.device, top_k: int = 10) -> list[list[str]]:
     scores = score_matrix(model, encode_gallery(model, gallery, device), tokens, token_mask, device)
-    top = scores.topk(min(top_k, scores.shape[1]), dim=1).indices  # [Q,k]
+    top = top_k_rows(scores.float().numpy(), top_k)  # [Q,k]
     return [[gallery.ids[j] for j in row] for row in top.tolist()]
 
 
@@ -155,7 +157,7 @@ def evaluate(store_path: str | os.PathLike, model_dir: str | os.PathLike, querie
             top = by_index.top(tokens, mask, k)
         else:
             scores = score_matrix(model, encode_gallery(model, gallery, torch_device), tokens, mask, torch_device)
-            top = scores.topk(min(k, len(gallery)), dim=1).indices.tolist()
+            top = top_k_rows(scores.float().numpy(), k).tolist()
         ranked = [[gallery.ids[j] for j in row] for row in top]
         metrics = {}
         if queries.relevant is not None:
@@ -274,5 +276,4 @@ def encode_query_texts(backbone_name: str, texts: list[str], max_text_tokens: in
     backbone = create_text_encoder(backbone_name, max_text_tokens=max_text_tokens)
     backbone.use_precision(resolve_precision(precision, "cpu"))
     features = backbone.encode_texts(texts)
-    positions = torch.arange(features.tokens.shape[1])
-    return features.tokens.cpu(), positions[None] < features.lengths.cpu().clamp(min=1)[:, None]
+    return features.tokens.cpu(), token_mask(features.lengths.cpu(), features.tokens.shape[1])

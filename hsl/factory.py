@@ -10,6 +10,7 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
+from .atomic import write_atomic, write_text_atomic
 from .config import ModelConfig, config_to_dict, list_configs, load_config
 from .errors import HSLError
 from .model import HSLModel
@@ -29,22 +30,15 @@ def create_model(name_or_path: str | Path | ModelConfig, image_dim: int, text_di
     return HSLModel(config, image_dim, text_dim)
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write via a temporary sibling and rename, so a crash never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_model(model: HSLModel, out_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
     """Write out_dir/config.json (config + meta, with the feature dims) and out_dir/model.safetensors."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "image_dim": model.image_dim, "text_dim": model.text_dim}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _write_atomic(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    write_atomic(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
     payload = json.dumps({**config_to_dict(model.config), "meta": meta}, indent=2)
-    _write_atomic(out / CONFIG_FILE, lambda tmp: tmp.write_text(payload + "\n", encoding="utf-8"))
+    write_text_atomic(out / CONFIG_FILE, payload + "\n")
     return out
 
 

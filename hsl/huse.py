@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import HSLUsageError
-from .losses import LossBatch, batch_labels, loss_embeddings
+from .loss_batch import LossBatch, batch_labels, loss_embeddings
 
 
 def class_name_distances(sentences: torch.Tensor) -> torch.Tensor:

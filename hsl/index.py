@@ -9,7 +9,6 @@ positions that changed (remove + add); the other ANN kinds are built again.
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -17,8 +16,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .ann import IVFPQOptions, ShardedIVFPQ, best_exact, build, read_rows
+from .ann import IVFPQOptions, ShardedIVFPQ, best_exact, build, read_rows, write_index
 from .errors import HSLUsageError
+from .top_k import top_k
 
 BACKENDS = ("auto", "exact", "flat", "ivf", "hnsw", "ivfpq", "milvus")  # milvus: hsl/milvus.py, never "auto"
 EXACT_LIMIT_BYTES = 1 << 30  # "auto": exact in-RAM matrix product while the float32 vectors fit in 1 GB
@@ -78,9 +78,7 @@ class VectorSearch:
                 index = self._updated_ivf(faiss.read_index(str(previous)))  # work in proportion to the change
             else:
                 index = build_faiss_index(self._vectors, backend, self.live)
-            tmp = file.with_name(file.name + ".tmp")
-            faiss.write_index(index, str(tmp))
-            os.replace(tmp, file)  # a killed build leaves no file a query would trust
+            write_index(index, file)
             for stale in self.path.parent.glob(f"{self.path.stem}.g*.{backend}.faiss"):
                 if stale != file:
                     stale.unlink()
@@ -121,8 +119,7 @@ class VectorSearch:
             scores = _matvec(self.matrix, query)  # [N]
             if allowed is not None:
                 scores = np.where(allowed, scores, -np.inf)
-            top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-            top = top[np.lexsort((top, -scores[top]))]  # best first; equal scores in store order
+            top = top_k(scores, k)  # best first; equal scores in store order
             return top, scores[top]
         return self._faiss_search(query, k, allowed)
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
+from .atomic import temporary_sibling
 from .store import DONE, FeatureStore, ensure_space
 
 if TYPE_CHECKING:
@@ -98,7 +99,7 @@ def build_index(store_path: str | os.PathLike, model: HSLModel, model_key: str, 
         rows = np.flatnonzero(stamps[:, 0] == DONE)
         path = index_path(store_path, model_key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = temporary_sibling(path)
         dims = _dims(model)
         ensure_space(tmp, len(rows) * (dims * 4 + 8) + len(stamps) * 24 + (1 << 20),
                      "queries keep using the old index, if any")

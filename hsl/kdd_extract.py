@@ -23,15 +23,16 @@ from hsl_data.sources import Rejected, SourceItem
 
 from . import __version__
 from .backbones import BOXES_PREFIX, Backbone, create_text_encoder
+from .devices import resolve_device
+from .distributed import Rank
 from .errors import HSLError, HSLUsageError, StoreMismatchError
-from .extract import (
+from .extract_base import (
     ExtractOptions,
     ExtractReport,
     ProgressFn,
-    _check_backbone,
+    check_backbone,
     commit_batch,
     extraction_precision,
-    resolve_device,
     sync_store,
     text_features,
 )
@@ -52,15 +53,35 @@ def text_spec(backbone: str | None) -> str:
     return spec
 
 
+class KddSource:
+    """A KDD Cup 2020 TSV: detector boxes, no photos, no image backbone; read by one process, as a stream."""
+
+    shardable = False
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = path
+
+    def check(self, options: ExtractOptions, me: Rank) -> None:
+        if me.distributed:
+            raise HSLUsageError("a KDD Cup TSV is extracted by one process (it is read as a stream, without a "
+                                "backbone for images); run hsl extract without torchrun")
+        if options.batch_size < 1:
+            raise HSLUsageError("--batch-size must be at least 1")
+        if options.grid is not None:
+            raise HSLUsageError("--grid pools a photo's feature map; a KDD Cup file has detector boxes, "
+                                "use --max-boxes")
+
+    def extract(self, store_path: Path, options: ExtractOptions, progress: ProgressFn | None) -> ExtractReport:
+        """One process brings `store_path` up to date; the caller holds the store's writer lock."""
+        return extract_kdd(self.path, store_path, options, progress)
+
+
 def extract_kdd(source: str | os.PathLike, store_path: str | os.PathLike, options: ExtractOptions,
                 progress: ProgressFn | None = None) -> ExtractReport:
-    """Extract every row of a KDD Cup 2020 TSV that the store lacks (or that changed) into `store_path`."""
+    """Extract every row of a KDD Cup 2020 TSV that the store lacks (or that changed) into `store_path`
+    (options already checked by `KddSource.check`)."""
     started = time.perf_counter()
     source, store_path = Path(source), Path(store_path)
-    if options.batch_size < 1:
-        raise HSLUsageError("--batch-size must be at least 1")
-    if options.grid is not None:
-        raise HSLUsageError("--grid pools a photo's feature map; a KDD Cup file has detector boxes, use --max-boxes")
     store = FeatureStore.open(store_path) if store_path.exists() else None
     spec = text_spec(options.backbone or (store.meta["backbone"] if store else None))
     max_boxes = options.max_boxes or (store.meta["num_regions"] if store else DEFAULT_MAX_BOXES)
@@ -68,7 +89,7 @@ def extract_kdd(source: str | os.PathLike, store_path: str | os.PathLike, option
         if not store.meta["backbone"].startswith(BOXES_PREFIX):
             raise StoreMismatchError(f"{store.path} holds photo features ({store.meta['backbone']}); extract the "
                                      "KDD Cup file into another --store")
-        _check_backbone(store, replace(options, backbone=BOXES_PREFIX + spec))
+        check_backbone(store, replace(options, backbone=BOXES_PREFIX + spec))
         if max_boxes != store.meta["num_regions"]:
             raise StoreMismatchError(f"{store.path} keeps {store.meta['num_regions']} boxes per image, this run "
                                      f"asks for {max_boxes}; extract into another --store, or drop --max-boxes")

@@ -192,7 +192,7 @@ class HSLModel(nn.Module):
         sims["total"] = total
         return sims
 
-    # Retrieval is one inner product (DESIGN.md §2). With agg = mean, S_obj^l = <q1^l, mean_k o_k^l>, so
+    # Retrieval is one inner product (docs/design.md §2). With agg = mean, S_obj^l = <q1^l, mean_k o_k^l>, so
     # query_vectors(t) @ index_vectors(i).T == similarities(t, i)["total"] exactly. With agg = max | topk
     # the object term is not an inner product: the vectors then hold the image-granularity part only
     # (object-only configs: the mean object vectors), good for gathering candidates that are then

@@ -17,11 +17,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .atomic import write_atomic
 from .config import ModelConfig
 from .dataset import Products
 from .errors import HSLError, HSLUsageError
 from .huse import HUSELoss, class_name_distances
-from .losses import LossBatch, LossContext, build_losses, loss_embeddings
+from .loss_batch import LossBatch, loss_embeddings
+from .losses import LossContext, build_losses
 
 OBJECTIVES_FILE = "objectives.safetensors"
 
@@ -91,9 +93,7 @@ def save_heads(out_dir: Path, losses: dict[str, nn.Module], context: LossContext
     if not tensors:
         return
     metadata = {"vocab": json.dumps(context.vocab), "attribute_weights": json.dumps(context.attribute_weights)}
-    tmp = out_dir / f"{OBJECTIVES_FILE}.tmp"
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, out_dir / OBJECTIVES_FILE)
+    write_atomic(out_dir / OBJECTIVES_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_heads(model_dir: str | os.PathLike, config: ModelConfig) -> tuple[dict[str, nn.Module], LossContext] | None:

@@ -230,7 +230,7 @@ class Searcher:
             return self.model.query_vectors(text_enc)[0].cpu().numpy(), text_enc
 
     def _encode_query(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        import torch
+        from .masks import token_mask  # torch: only a query that runs the torch text side imports it
 
         if self._text_encoder is None:
             from .backbones import create_text_encoder
@@ -239,8 +239,7 @@ class Searcher:
                                                      max_text_tokens=self.store_meta["max_text_tokens"])
             self._text_encoder.to(self.device).use_precision(self.precision)
         features = self._text_encoder.encode_texts([text])
-        lengths = features.lengths.clamp(min=1)
-        mask = torch.arange(features.tokens.shape[1], device=lengths.device)[None] < lengths[:, None]  # [1,T]
+        mask = token_mask(features.lengths, features.tokens.shape[1])  # [1,T]
         return features.tokens.to(self.device), mask.to(self.device)
 
     def _attribute_mask(self, where: dict[str, str]) -> np.ndarray:
@@ -321,6 +320,6 @@ def _resolve_device(device: str) -> str:
     """`cpu` needs no torch; anything else (auto, cuda[:N]) is checked by torch, then named as a string."""
     if device == "cpu":
         return device
-    from .extract import resolve_device
+    from .devices import resolve_device
 
     return str(resolve_device(device))

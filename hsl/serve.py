@@ -11,7 +11,7 @@ Product strings (id, title, photo path, attributes) are read once into memory: /
 /images are a dict lookup, and a photo is only ever served from the path the store holds for an
 id, never from a path in the request.
 
-"More like this" is image-to-image search over the stored HSL index vectors (DESIGN.md §2): the
+"More like this" is image-to-image search over the stored HSL index vectors (docs/design.md §2): the
 query is the clicked product's own vector x_a = [mean O^1, v^1, ..., mean O^L, v^L], and product
 b scores <x_a, x_b> = sum over levels of cos(v_a^l, v_b^l) + <mean O_a^l, mean O_b^l> (the image
 vectors are unit length, the mean object vectors at most so): no level weights, no text. Its
@@ -187,21 +187,3 @@ def bind(host: str, port: int) -> socket.socket:
 def url_of(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def serve_catalog(catalog: Catalog, host: str = "127.0.0.1", port: int = 8000, *, access_log: bool = True,
-          ready: Callable[[str], None] | None = None) -> None:
-    """Serve the page and the JSON API until Ctrl-C / SIGTERM; `ready(url)` once the port is bound."""
-    import uvicorn
-
-    from .serve_api import create_app
-
-    sock = bind(host, port)
-    if ready:
-        ready(url_of(sock))
-    config = uvicorn.Config(create_app(catalog), log_level="info" if access_log else "warning",
-                            access_log=access_log, timeout_graceful_shutdown=5)
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises the Ctrl-C: the normal way to stop
-        pass

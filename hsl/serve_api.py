@@ -3,13 +3,14 @@
 Searches are plain `def` endpoints, which FastAPI runs in its thread pool: the event loop stays
 free for other requests while torch works. Library errors become JSON with a `detail` message:
 an unknown product 404, other bad input 400 (FastAPI's own validation: 422), and nothing ever
-answers with a traceback.
+answers with a traceback. `serve_catalog` runs the app on a socket that hsl/serve.py binds.
 """
 
 from __future__ import annotations
 
 import logging
 import mimetypes
+from collections.abc import Callable
 from typing import Annotated
 from urllib.parse import quote
 
@@ -21,7 +22,7 @@ from pydantic import BaseModel, Field
 from . import __version__
 from .errors import HSLError, HSLUsageError
 from .search import SearchResult, parse_where
-from .serve import MAX_TOP_K, Catalog, UnknownProductError
+from .serve import MAX_TOP_K, Catalog, UnknownProductError, bind, url_of
 from .serve_page import CONTENT_SECURITY_POLICY, PAGE
 
 log = logging.getLogger("hsl.serve")
@@ -179,3 +180,19 @@ def create_app(catalog: Catalog) -> FastAPI:
                                                                   "X-Content-Type-Options": "nosniff"})
 
     return app
+
+
+def serve_catalog(catalog: Catalog, host: str = "127.0.0.1", port: int = 8000, *, access_log: bool = True,
+                  ready: Callable[[str], None] | None = None) -> None:
+    """Serve the page and the JSON API until Ctrl-C / SIGTERM; `ready(url)` once the port is bound."""
+    import uvicorn  # only a running server needs it
+
+    sock = bind(host, port)
+    if ready:
+        ready(url_of(sock))
+    config = uvicorn.Config(create_app(catalog), log_level="info" if access_log else "warning",
+                            access_log=access_log, timeout_graceful_shutdown=5)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises the Ctrl-C: the normal way to stop
+        pass

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import HSLUsageError
-from .losses import LossBatch, batch_labels, loss_embeddings
+from .loss_batch import LossBatch, batch_labels, loss_embeddings
 
 
 def attribute_similarity(labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -21,12 +21,14 @@ from pathlib import Path
 
 import torch
 
-from hsl_data.sources import Rejected, SourceItem, read_source
+from hsl_data.sources import Rejected, SourceItem
 
+from .devices import resolve_device
 from .distributed import Rank, finish, gather_objects, init, scatter_objects, share
 from .errors import HSLError, StoreMismatchError
-from .extract import ExtractOptions, ExtractReport, ProgressFn, _check_backbone, _plan, extract_items, resolve_device
+from .extract_base import ExtractOptions, ExtractReport, ProgressFn, check_backbone, plan_rows
 from .merge import merge, meta_difference
+from .photo_extract import PhotoSource
 from .store import DONE, FeatureStore
 from .store_lock import writing
 
@@ -57,7 +59,7 @@ class _Job:
     skipped: list[Rejected] = field(default_factory=list)  # the source's rejects, on rank 0's job only
 
 
-def extract_sharded(source: str | Path, store_path: Path, options: ExtractOptions, me: Rank,
+def extract_sharded(source: PhotoSource, store_path: Path, options: ExtractOptions, me: Rank,
                     progress: ProgressFn | None = None) -> ExtractReport:
     """This rank's part of a torchrun extraction; every rank returns the whole job's report."""
     started = time.perf_counter()
@@ -70,7 +72,7 @@ def extract_sharded(source: str | Path, store_path: Path, options: ExtractOption
         return _extract_job(source, store_path, options, me, progress, held, started)
 
 
-def _extract_job(source: str | Path, store_path: Path, options: ExtractOptions, me: Rank,
+def _extract_job(source: PhotoSource, store_path: Path, options: ExtractOptions, me: Rank,
                  progress: ProgressFn | None, held: ExitStack, started: float) -> ExtractReport:
     planning_error: Exception | None = None
     jobs: list = []
@@ -84,7 +86,7 @@ def _extract_job(source: str | Path, store_path: Path, options: ExtractOptions, 
     if isinstance(job, str):  # rank 0's error, in every rank's words: torchrun may stop rank 0 before it prints
         finish()
         raise planning_error or HSLError(f"rank 0 could not plan the work: {job}")
-    mine, failure = _run_share(job, store_path, options, me, progress)
+    mine, failure = _run_share(source, job, store_path, options, me, progress)
     outcomes = gather_objects(mine, me)  # the barrier where the ranks agree whether to merge
     finish()
     if failure is not None:
@@ -105,15 +107,15 @@ def _extract_job(source: str | Path, store_path: Path, options: ExtractOptions, 
                          processes=me.world)
 
 
-def _plan_jobs(source: str | Path, store_path: Path, options: ExtractOptions, world: int) -> list[_Job]:
+def _plan_jobs(source: PhotoSource, store_path: Path, options: ExtractOptions, world: int) -> list[_Job]:
     """Rank 0: the products still to extract, as `world` contiguous shares in source order."""
     base = FeatureStore.open(store_path) if store_path.exists() else None
     try:
         if base is not None:
-            _check_backbone(base, options)  # before any work, as in one process
-        listing = read_source(source, options.columns, allow_outside=options.allow_outside)
-        items = listing.items[: options.limit] if options.limit is not None else listing.items
-        rows, _, missing = _plan(items, base)
+            check_backbone(base, options)  # before any work, as in one process
+        listing = source.listing(options)
+        items = listing.items
+        rows, _, missing = plan_rows(items, base)
         template = dict(base.meta) if base is not None else _shard_meta(store_path, world, options)
     finally:
         if base is not None:
@@ -133,12 +135,12 @@ def _shard_meta(store_path: Path, world: int, options: ExtractOptions) -> dict |
         path = shard_path(store_path, rank, world)
         if path.exists():
             with FeatureStore.open(path) as shard:
-                _check_backbone(shard, options)
+                check_backbone(shard, options)
                 return dict(shard.meta)
     return None
 
 
-def _run_share(job: _Job, store_path: Path, options: ExtractOptions, me: Rank,
+def _run_share(source: PhotoSource, job: _Job, store_path: Path, options: ExtractOptions, me: Rank,
                progress: ProgressFn | None) -> tuple[ExtractReport | str, Exception | None]:
     """Extract this rank's share into its shard: (report, None), or (the error in words, the error)."""
     try:
@@ -146,7 +148,7 @@ def _run_share(job: _Job, store_path: Path, options: ExtractOptions, me: Rank,
         path.parent.mkdir(parents=True, exist_ok=True)
         shard = FeatureStore.open(path) if path.exists() else None
         if shard is not None:
-            _check_backbone(shard, options)
+            check_backbone(shard, options)
             differ = meta_difference(shard.meta, job.template) if job.template is not None else None
             if differ is not None:
                 shard.close()
@@ -155,7 +157,8 @@ def _run_share(job: _Job, store_path: Path, options: ExtractOptions, me: Rank,
                                          "by a killed run with other options; finish that run with its own "
                                          f"options, or move {path.parent} aside to start this one")
         with writing(path, "hsl extract (torchrun)"):
-            report = extract_items(job.items, path, shard, options, job.attribute_columns, progress, job.template)
+            report = source.extract_items(job.items, path, shard, options, job.attribute_columns, progress,
+                                          job.template)
     except Exception as exc:  # reported to every rank first: a lone raise would leave the others waiting
         return _in_words(exc), exc
     report.skipped[:0] = job.skipped

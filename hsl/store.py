@@ -21,6 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .atomic import temporary_sibling
 from .errors import HSLError, StoreInUseError
 
 SCHEMA_VERSION = 2  # 2: regions and title tokens as int8 codes with a float16 scale per vector
@@ -139,7 +140,7 @@ class FeatureStore:
         copies = list(copies)
         if copy_from is not None:
             copies.insert(0, RowCopy(copy_from, np.arange(copy_rows), np.arange(copy_rows)))
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = temporary_sibling(path)
         kept = "the existing store is unchanged" if path.exists() else "no store was written"
         ensure_space(tmp, _estimated_bytes(meta, rows, attribute_columns), kept)
         try:
@@ -472,7 +473,7 @@ def _read_meta(path: Path, handle: h5py.File) -> dict:
     for key, value in attrs.items():
         if isinstance(value, bytes):
             value = value.decode()
-        if isinstance(value, str) and value[:1] in "[{":
+        if isinstance(value, str) and value.startswith(("[", "{")):  # JSON lists and dicts; "" stays a string
             value = json.loads(value)
         elif isinstance(value, np.generic):
             value = value.item()

@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__, distributed
+from .atomic import write_text_atomic
 from .checkpoint import Checkpoint
 from .config import load_config
 from .dataset import Products, Split, feature_bytes, load_products
@@ -60,12 +61,6 @@ class TrainOptions:
     memory_budget: int = 2 << 30  # bytes of features held in memory; a larger training set streams from the store
 
 
-def _atomic_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-
-
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """Adam's state as flat tensors: safetensors holds tensors only, never pickles."""
     out = {}
@@ -96,109 +91,205 @@ def validate(model: torch.nn.Module, products: Products, device: torch.device) -
 def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: TrainOptions | None = None,
           on_step: StepFn | None = None, on_epoch: EpochFn | None = None) -> dict:
     """Train, keep the best epoch by validation R@10 in `out_dir`, return the metrics record."""
-    options = options or TrainOptions()
-    out = Path(out_dir)
-    ckpt = Checkpoint(out / "checkpoint")
-    if out.exists() and any(out.iterdir()) and not options.resume:
-        raise HSLUsageError(f"{out} is not empty; give another --out, or --resume to continue its training")
-    # --resume before any epoch finished (a kill during the first one) simply starts from scratch.
-    resuming = options.resume and ckpt.exists()
-    device = torch.device(options.device)
-    me = distributed.init(device)
-    if me.distributed and device.type == "cuda":
-        device = torch.device("cuda", me.local_rank)  # one GPU per process, as torchrun's local rank says
-    distributed.barrier()  # every rank has looked at --out before rank 0 writes into it
-    config = load_config(options.config)
-    with FeatureStore.open(store_path) as store:
-        products = load_products(store, require_text=True, region_grid=config.region_grid, in_memory=False)
-        store_meta = dict(store.meta)
-    split = Split(options.test_fraction, options.val_fraction, options.seed)
-    parts = _capped(split.indices(products.ids), options.max_products, options.seed)
-    train_set, val_set = products.subset(parts["train"]), products.subset(parts["val"]).loaded()
-    if len(train_set) * feature_bytes(store_meta, config.region_grid) <= options.memory_budget:
-        train_set = train_set.loaded()  # fits: batches come from memory; else each one from the store
-    if len(train_set) < 2 or (len(val_set) < 1 and options.val_fraction > 0):
-        raise HSLUsageError(f"split gives {len(train_set)} training and {len(val_set)} validation products; "
-                            "extract more products or change --val-fraction")
-    context = build_context(config, train_set, store_meta["backbone"])
-    torch.manual_seed(options.seed)
-    precision = resolve_precision(options.precision, device)
-    model = create_model(config, store_meta["image_dim"], store_meta["text_dim"]).to(device).use_precision(precision)
-    # Heads of SGML/HUSE initialise after the model, so configs without them draw exactly as before.
-    losses = {name: loss.to(device) for name, loss in build_losses(model.config, context).items()}
-    # Model parameters first: the optimizer's state indices of the model stay those of an HSL-only run.
-    params = [*model.parameters(), *head_parameters(losses)]
-    labels = encode_labels(train_set.attributes, context.vocab)  # column -> [N] label index
-    settings = dict(model.config.training)
-    epochs = options.epochs or settings["epochs"]
-    batch_size = options.batch_size or settings["batch_size"]
-    lr = options.lr or settings["lr"]
-    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=settings.get("weight_decay", 0.0))
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=settings["lr_decay"])
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_grad_scaling)
-    meta = {"backbone": store_meta["backbone"], "image_dim": store_meta["image_dim"],
-            "text_dim": store_meta["text_dim"], "precision": precision.name, "hsl_version": __version__}
-    args = {**asdict(options), "epochs": epochs, "batch_size": batch_size, "lr": lr, "store": str(store_path),
-            "precision": precision.name}
-    record = {"history": [], "best": None, "split": {k: int(len(v)) for k, v in parts.items()},
-              "streamed": train_set.source is not None}
-    start_epoch = 0
-    if resuming:
-        tensors, state = ckpt.load()
-        if state["args"]["config"] != options.config or state["args"]["seed"] != options.seed:
-            raise HSLUsageError(f"{out} was trained with config {state['args']['config']} and seed "
-                                f"{state['args']['seed']}; resume with the same --config and --seed")
-        trained_in = state["args"].get("precision", "fp32")  # checkpoints from before precision was recorded
-        if trained_in != precision.name:  # another precision would not end with the same weights
-            raise HSLUsageError(f"{out} was trained in {trained_in}, this run would train in {precision.name}; "
-                                f"resume with --precision {trained_in}")
-        model.load_state_dict(tensors["model"])
-        load_heads_state(losses, tensors.get("objectives", {}), str(ckpt.folder))
-        _load_optimizer(optimizer, tensors["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    return Trainer(store_path, out_dir, options or TrainOptions()).run(on_step, on_epoch)
+
+
+class Trainer:
+    """One training run, read top to bottom: __init__ sets up (data, model, losses, optimizer, resume),
+    run() loops run_epoch (every rank) and end_epoch (rank 0: validate, keep the best, checkpoint)."""
+
+    def __init__(self, store_path: str | os.PathLike, out_dir: str | os.PathLike, options: TrainOptions) -> None:
+        self.options, self.out = options, Path(out_dir)
+        self.ckpt = Checkpoint(self.out / "checkpoint")
+        if self.out.exists() and any(self.out.iterdir()) and not options.resume:
+            raise HSLUsageError(f"{self.out} is not empty; give another --out, or --resume to continue its training")
+        # --resume before any epoch finished (a kill during the first one) simply starts from scratch.
+        resuming = options.resume and self.ckpt.exists()
+        self.device = torch.device(options.device)
+        self.me = distributed.init(self.device)
+        if self.me.distributed and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.me.local_rank)  # one GPU per process, as torchrun's local rank says
+        distributed.barrier()  # every rank has looked at --out before rank 0 writes into it
+        self.config = load_config(options.config)
+        self._load_data(store_path)
+        self._build_model()
+        self._build_optimizer()
+        self.meta = {"backbone": self.store_meta["backbone"], "image_dim": self.store_meta["image_dim"],
+                     "text_dim": self.store_meta["text_dim"], "precision": self.precision.name,
+                     "hsl_version": __version__}
+        self.args = {**asdict(options), "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
+                     "store": str(store_path), "precision": self.precision.name}
+        self.record = {"history": [], "best": None, "split": {k: int(len(v)) for k, v in self.parts.items()},
+                       "streamed": self.train_set.source is not None}
+        self.start_epoch = self._resume() if resuming else 0
+        if self.me.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.out / "train_args.json",
+                              json.dumps({**self.args, "processes": self.me.world}, indent=2))
+        self.towers: nn.Module = _Towers(self.model)
+        if self.me.distributed:
+            self.towers = DistributedDataParallel(self.towers, device_ids=[self.device.index]
+                                                  if self.device.type == "cuda" else None)
+        self.keys = self.train_set.title_keys()
+
+    def _load_data(self, store_path: str | os.PathLike) -> None:
+        """The split's training set (in memory when it fits, else streamed) and validation set."""
+        options = self.options
+        with FeatureStore.open(store_path) as store:
+            products = load_products(store, require_text=True, region_grid=self.config.region_grid, in_memory=False)
+            self.store_meta = dict(store.meta)
+        self.split = Split(options.test_fraction, options.val_fraction, options.seed)
+        self.parts = _capped(self.split.indices(products.ids), options.max_products, options.seed)
+        self.train_set = products.subset(self.parts["train"])
+        self.val_set = products.subset(self.parts["val"]).loaded()
+        if len(self.train_set) * feature_bytes(self.store_meta, self.config.region_grid) <= options.memory_budget:
+            self.train_set = self.train_set.loaded()  # fits: batches come from memory; else each one from the store
+        if len(self.train_set) < 2 or (len(self.val_set) < 1 and options.val_fraction > 0):
+            raise HSLUsageError(f"split gives {len(self.train_set)} training and {len(self.val_set)} validation "
+                                "products; extract more products or change --val-fraction")
+
+    def _build_model(self) -> None:
+        """Model, losses (with their heads) and label indices; the order of the random draws is fixed."""
+        self.context = build_context(self.config, self.train_set, self.store_meta["backbone"])
+        torch.manual_seed(self.options.seed)
+        self.precision = resolve_precision(self.options.precision, self.device)
+        self.model = create_model(self.config, self.store_meta["image_dim"], self.store_meta["text_dim"])
+        self.model = self.model.to(self.device).use_precision(self.precision)
+        # Heads of SGML/HUSE initialise after the model, so configs without them draw exactly as before.
+        self.losses = {name: loss.to(self.device)
+                       for name, loss in build_losses(self.model.config, self.context).items()}
+        # Only SGML/HUSE on the "total" embedding look at the index and query vectors: others skip them.
+        self.needs_vectors = any(getattr(loss, "embedding", None) == "total" for loss in self.losses.values())
+        # Model parameters first: the optimizer's state indices of the model stay those of an HSL-only run.
+        self.params = [*self.model.parameters(), *head_parameters(self.losses)]
+        self.labels = encode_labels(self.train_set.attributes, self.context.vocab)  # column -> [N] label index
+
+    def _build_optimizer(self) -> None:
+        self.settings = dict(self.model.config.training)
+        self.epochs = self.options.epochs or self.settings["epochs"]
+        self.batch_size = self.options.batch_size or self.settings["batch_size"]
+        self.lr = self.options.lr or self.settings["lr"]
+        self.optimizer = torch.optim.Adam(self.params, lr=self.lr, weight_decay=self.settings.get("weight_decay", 0.0))
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1, gamma=self.settings["lr_decay"])
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.needs_grad_scaling)
+
+    def _resume(self) -> int:
+        """Load the last checkpoint and the record up to its epoch; the epoch to start from."""
+        tensors, state = self.ckpt.load()
+        trained = state["args"]
+        if trained["config"] != self.options.config or trained["seed"] != self.options.seed:
+            raise HSLUsageError(f"{self.out} was trained with config {trained['config']} and seed "
+                                f"{trained['seed']}; resume with the same --config and --seed")
+        trained_in = trained.get("precision", "fp32")  # checkpoints from before precision was recorded
+        if trained_in != self.precision.name:  # another precision would not end with the same weights
+            raise HSLUsageError(f"{self.out} was trained in {trained_in}, this run would train in "
+                                f"{self.precision.name}; resume with --precision {trained_in}")
+        self.model.load_state_dict(tensors["model"])
+        load_heads_state(self.losses, tensors.get("objectives", {}), str(self.ckpt.folder))
+        _load_optimizer(self.optimizer, tensors["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         if state.get("grad_scaler"):
-            scaler.load_state_dict(state["grad_scaler"])
-        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+            self.scaler.load_state_dict(state["grad_scaler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
             group["lr"] = lr  # the optimizer's state above came with the initial learning rate
-        record, start_epoch = state["record"], state["epoch"]
-    if me.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic_json(out / "train_args.json", {**args, "processes": me.world})
-    towers = _Towers(model)
-    if me.distributed:
-        towers = DistributedDataParallel(towers, device_ids=[device.index] if device.type == "cuda" else None)
-    keys = train_set.title_keys()
-    for epoch in range(start_epoch, epochs):
-        started = time.perf_counter()
-        loss = _train_epoch(towers, model, losses, params, (optimizer, scaler), train_set, keys, labels, batch_size,
-                            settings, options.seed, epoch, device, me, on_step)
-        scheduler.step()
-        if not me.is_main:  # the other ranks only help with the gradients
-            continue
+        # Checkpoints from before the record lived in metrics.json alone carry it in their state.
+        self.record = state.get("record") or _record_until(self.out / "metrics.json", state["epoch"])
+        return state["epoch"]
+
+    def run(self, on_step: StepFn | None = None, on_epoch: EpochFn | None = None) -> dict:
+        """Every epoch from the start (or the checkpoint) to the last; the metrics record."""
+        for epoch in range(self.start_epoch, self.epochs):
+            started = time.perf_counter()
+            loss = self.run_epoch(epoch, on_step)
+            self.scheduler.step()
+            if not self.me.is_main:  # the other ranks only help with the gradients
+                continue
+            entry = self.end_epoch(epoch, loss, time.perf_counter() - started)
+            if on_epoch:
+                on_epoch(entry)
+        distributed.barrier()  # no rank leaves (and tears the group down) while rank 0 still writes
+        distributed.finish()
+        if self.record["best"] is None and self.me.is_main:
+            raise HSLError(f"{self.out}: no epoch was trained (epochs={self.epochs})")
+        return self.record
+
+    def run_epoch(self, epoch: int, on_step: StepFn | None) -> float:
+        """One pass over the training set, in (seed, epoch) order; the mean loss of its batches."""
+        seed, me = self.options.seed, self.me
+        self.model.train()
+        # Every rank draws the same global order; dropout differs per rank (rank 0 draws as one process does).
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        torch.manual_seed(seed * 100_003 + epoch + 1_000_003 * me.rank)  # dropout: the same masks after a resume
+        order = torch.randperm(len(self.train_set), generator=generator)
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        # A batch of one has no negatives; one smaller than the number of ranks would leave a rank idle.
+        batches = [b for b in batches if len(b) > 1 and len(b) >= me.world]
+        total = 0.0
+        for step, index in enumerate(batches):
+            loss = self._step(index)
+            total += loss
+            if on_step:
+                on_step(step + 1, len(batches), loss)
+        self.model.eval()
+        return total / max(1, len(batches))
+
+    def _step(self, index: torch.Tensor) -> float:
+        """One optimizer step on the global batch `index` (this rank encodes its share); its loss."""
+        part = distributed.share(len(index), self.me)  # this rank's share of the global batch
+        mine = index[part.start:part.stop]
+        model, device = self.model, self.device
+        text, image = self.towers(*self.train_set.image_batch(mine, device), *self.train_set.text_batch(mine, device))
+        text, image = _gather(text, image, self.me)
+        batch = LossBatch(model.similarities(text, image), self.keys[index].to(device), text, image,
+                          {column: values[index].to(device) for column, values in self.labels.items()},
+                          model.index_vectors(image) if self.needs_vectors else None,
+                          model.query_vectors(text) if self.needs_vectors else None)
+        loss = sum(weight * self.losses[name](batch) for name, weight in model.config.losses.items())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()  # a pass-through unless fp16 (Precision.needs_grad_scaling)
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients
+        torch.nn.utils.clip_grad_norm_(self.params, self.settings["grad_clip"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.item()
+
+    def end_epoch(self, epoch: int, loss: float, seconds: float) -> dict:
+        """Rank 0: validate, keep the model if best, write the record once, then the checkpoint; the entry."""
         # --val-fraction 0 (train on everything, e.g. the shipped model): the last epoch is kept.
-        metrics = validate(model, val_set, device) if len(val_set) else {}
-        entry = {"epoch": epoch + 1, "loss": loss, "val": metrics, "seconds": round(time.perf_counter() - started, 2),
+        metrics = validate(self.model, self.val_set, self.device) if len(self.val_set) else {}
+        entry = {"epoch": epoch + 1, "loss": loss, "val": metrics, "seconds": round(seconds, 2),
                  "peak_rss_mb": _peak_rss_mb()}
-        record["history"].append(entry)
-        if not metrics or record["best"] is None or metrics["R@10"] > record["best"]["val"]["R@10"]:
-            record["best"] = entry
-            save_model(model, out, {**meta, "epoch": epoch + 1, "split": asdict(split)})
-            save_heads(out, losses, context)
-        _atomic_json(out / "metrics.json", record)
+        self.record["history"].append(entry)
+        if _better(entry, self.record["best"]):
+            self.record["best"] = entry
+            save_model(self.model, self.out, {**self.meta, "epoch": epoch + 1, "split": asdict(self.split)})
+            save_heads(self.out, self.losses, self.context)
+        write_text_atomic(self.out / "metrics.json", json.dumps(self.record, indent=2))
         # The checkpoint goes last: a kill before this line redoes the epoch, with the same result.
-        tensors = {"model": model.state_dict(), "optimizer": _optimizer_tensors(optimizer)}
-        heads = heads_state(losses)
+        tensors = {"model": self.model.state_dict(), "optimizer": _optimizer_tensors(self.optimizer)}
+        heads = heads_state(self.losses)
         if heads:
             tensors["objectives"] = heads
-        ckpt.save(epoch + 1, tensors,
-                  {"epoch": epoch + 1, "scheduler": scheduler.state_dict(), "record": record, "args": args,
-                   "grad_scaler": scaler.state_dict()})  # {} unless fp16
-        if on_epoch:
-            on_epoch(entry)
-    distributed.barrier()  # no rank leaves (and tears the group down) while rank 0 still writes
-    distributed.finish()
-    if record["best"] is None and me.is_main:
-        raise HSLError(f"{out}: no epoch was trained (epochs={epochs})")
+        self.ckpt.save(epoch + 1, tensors,
+                       {"epoch": epoch + 1, "scheduler": self.scheduler.state_dict(), "args": self.args,
+                        "grad_scaler": self.scaler.state_dict()})  # {} unless fp16
+        return entry
+
+
+def _better(entry: dict, best: dict | None) -> bool:
+    """Whether an epoch's entry replaces the best so far: higher validation R@10 (no validation: the last)."""
+    return not entry["val"] or best is None or entry["val"]["R@10"] > best["val"]["R@10"]
+
+
+def _record_until(path: Path, epoch: int) -> dict:
+    """metrics.json as it was after `epoch`: a kill after it was written, before the checkpoint, left one
+    entry more, which the resumed run redoes."""
+    record = json.loads(path.read_text(encoding="utf-8"))
+    record["history"] = [entry for entry in record["history"] if entry["epoch"] <= epoch]
+    record["best"] = None
+    for entry in record["history"]:
+        if _better(entry, record["best"]):
+            record["best"] = entry
     return record
 
 
@@ -252,40 +343,3 @@ def _gather(text: TextEncoding, image: ImageEncoding, me: distributed.Rank) -> t
     mask = rows(image.mask.to(torch.uint8)).bool()  # gloo gathers no bool tensors
     return (TextEncoding([rows(q) for q in text.object_queries], [rows(q) for q in text.image_queries]),
             ImageEncoding([rows(o) for o in image.objects], [rows(v) for v in image.images], mask))
-
-
-def _train_epoch(towers: nn.Module, model: nn.Module, losses: dict, params: list,
-                 steppers: tuple[torch.optim.Optimizer, torch.amp.GradScaler], products: Products,
-                 keys: torch.Tensor, labels: dict[str, torch.Tensor], batch_size: int,
-                 settings: dict, seed: int, epoch: int, device: torch.device, me: distributed.Rank,
-                 on_step: StepFn | None) -> float:
-    optimizer, scaler = steppers
-    model.train()
-    # Every rank draws the same global order; dropout differs per rank (rank 0 draws as one process does).
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    torch.manual_seed(seed * 100_003 + epoch + 1_000_003 * me.rank)  # dropout: the same masks after a resume
-    order = torch.randperm(len(products), generator=generator)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    # A batch of one has no negatives; one smaller than the number of ranks would leave a rank idle.
-    batches = [b for b in batches if len(b) > 1 and len(b) >= me.world]
-    total = 0.0
-    for step, index in enumerate(batches):
-        part = distributed.share(len(index), me)  # this rank's share of the global batch
-        mine = index[part.start:part.stop]
-        text, image = towers(*products.image_batch(mine, device), *products.text_batch(mine, device))
-        text, image = _gather(text, image, me)
-        batch = LossBatch(model.similarities(text, image), keys[index].to(device), text, image,
-                          {column: values[index].to(device) for column, values in labels.items()},
-                          model.index_vectors(image), model.query_vectors(text))
-        loss = sum(weight * losses[name](batch) for name, weight in model.config.losses.items())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()  # the scaler is a pass-through unless fp16 (Precision.needs_grad_scaling)
-        scaler.unscale_(optimizer)  # clip the true gradients
-        torch.nn.utils.clip_grad_norm_(params, settings["grad_clip"])
-        scaler.step(optimizer)
-        scaler.update()
-        total += loss.item()
-        if on_step:
-            on_step(step + 1, len(batches), loss.item())
-    model.eval()
-    return total / max(1, len(batches))
