@@ -63,7 +63,7 @@ def write_index(path: Path, source: Path, n: int, seed: int = 0) -> None:
     if path.is_file():
         return
     with h5py.File(source, "r") as f:
-        real = f["vectors"][:].astype(np.float32)
+        real = f["vectors"][:int(f.attrs.get("count", len(f["vectors"])))].astype(np.float32)  # the used rows
         attrs = dict(f.attrs)
     scale = (NOISE * np.linalg.norm(real, axis=1) / np.sqrt(real.shape[1])).astype(np.float32)  # per-dim std
     tmp = path.with_suffix(".tmp")
@@ -75,7 +75,7 @@ def write_index(path: Path, source: Path, n: int, seed: int = 0) -> None:
             noise = rng.standard_normal((len(source_rows), real.shape[1]), dtype=np.float32)
             vectors[start:start + len(source_rows)] = real[source_rows] + noise * scale[source_rows, None]
         f.create_dataset("rows", data=np.arange(n, dtype=np.int64))
-        f.attrs.update({**attrs, "store_fingerprint": f"bench-{n}-{seed}"})
+        f.attrs.update({**attrs, "store_fingerprint": f"bench-{n}-{seed}", "count": n})
     os.replace(tmp, path)
 
 

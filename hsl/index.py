@@ -18,6 +18,7 @@ import numpy as np
 
 from .ann import IVFPQOptions, ShardedIVFPQ, best_exact, build, read_rows, write_index
 from .errors import HSLUsageError
+from .index_cache import UsedRows, cache_rows
 from .top_k import top_k
 
 BACKENDS = ("auto", "exact", "flat", "ivf", "hnsw", "ivfpq", "milvus")  # milvus: hsl/milvus.py, never "auto"
@@ -41,8 +42,8 @@ class VectorSearch:
             raise HSLUsageError("the milvus backend is hsl.milvus.MilvusSearch (Searcher picks it), not VectorSearch")
         self.path = path
         self._h5 = h5py.File(path, "r")
-        self._vectors = self._h5["vectors"]
-        self.rows = self._h5["rows"][:]  # [N] store row of each position; -1: dropped by an update
+        self.rows = cache_rows(self._h5)  # [N] store row of each position; -1: dropped by an update
+        self._vectors = UsedRows(self._h5["vectors"], len(self.rows))
         self.generation = int(self._h5.attrs.get("generation", 0))
         self.live = None if (self.rows >= 0).all() else self.rows >= 0  # None: every position is a product
         n, dims = self._vectors.shape
@@ -158,7 +159,7 @@ def _matvec(matrix: np.ndarray, query: np.ndarray) -> np.ndarray:
         return matrix @ query
 
 
-def build_faiss_index(vectors: h5py.Dataset, backend: str, live: np.ndarray | None = None) -> object:
+def build_faiss_index(vectors: UsedRows, backend: str, live: np.ndarray | None = None) -> object:
     """faiss index over the stored vectors, added block by block (never all float32 vectors at once).
     IVF holds only the `live` positions (ids = positions), so it needs no filter for dropped ones."""
     import faiss

@@ -31,7 +31,7 @@ from .store import DONE, FeatureStore, ensure_space
 if TYPE_CHECKING:
     from .model import HSLModel
 
-INDEX_VERSION = 2  # 2: stamps for incremental updates, resizable datasets, generations for the ANN files
+INDEX_VERSION = 3  # 3: stamps for incremental updates, room to append, generations for the ANN files
 _BLOCK = 512  # products per forward pass of the image side
 UPDATE_LIMIT = 0.25  # more changed rows than this share of the index: a full build is simpler and as fast
 DEAD_LIMIT = 0.10  # more dropped rows than this share: rebuild, so searches do not carry dead vectors
@@ -101,18 +101,20 @@ def build_index(store_path: str | os.PathLike, model: HSLModel, model_key: str, 
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temporary_sibling(path)
         dims = _dims(model)
-        ensure_space(tmp, len(rows) * (dims * 4 + 8) + len(stamps) * 24 + (1 << 20),
+        capacity = len(rows) + max(1024, len(rows) // 8)  # room for the products later updates append
+        ensure_space(tmp, capacity * (dims * 4 + 8) + len(stamps) * 24 + (1 << 20),
                      "queries keep using the old index, if any")
         with h5py.File(tmp, "w") as f:
-            chunk = (max(1, min(len(rows), 1024)), dims)
-            vectors = f.create_dataset("vectors", (len(rows), dims), "f4", maxshape=(None, dims), chunks=chunk)
-            f.create_dataset("rows", data=rows.astype(np.int64), maxshape=(None,), chunks=(65536,))
+            # Contiguous, not chunked: reading a query's 200 candidate rows takes 1.7 ms instead of 14-70 ms
+            # (HDF5 reads whole chunks); so the room for appended products is allocated now.
+            vectors = f.create_dataset("vectors", (capacity, dims), "f4")
+            f.create_dataset("rows", data=np.concatenate([rows, np.full(capacity - len(rows), -1)]).astype(np.int64))
             f.create_dataset("stamps", data=stamps, maxshape=(None, 3), chunks=(65536, 3))
             for start, block in _encoded_blocks(store, model, rows, progress):
                 vectors[start:start + len(block)] = block
             f.attrs.update({"version": INDEX_VERSION, "store_fingerprint": fingerprint, "model": model_key,
                             "exact": bool(model.exact_by_inner_product), "precision": model.precision.name,
-                            "generation": 0})
+                            "generation": 0, "count": len(rows)})
     for stale in path.parent.glob(f"{model_key}.*.faiss"):  # ANN files of the previous vectors
         stale.unlink()
     os.replace(tmp, path)
@@ -134,7 +136,7 @@ def _update_plan(path: Path, stamps: np.ndarray, precision: str) -> _Plan | None
         with h5py.File(path, "r") as f:
             if not _usable(f, precision) or "stamps" not in f:
                 return None
-            old, rows = f["stamps"][:], f["rows"][:]
+            old, rows, capacity = f["stamps"][:], cache_rows(f), f["rows"].shape[0]
     except OSError:
         return None
     if len(old) > len(stamps):  # the store lost rows: not something extraction does; start again
@@ -152,6 +154,8 @@ def _update_plan(path: Path, stamps: np.ndarray, precision: str) -> _Plan | None
     positions = position_of[encode]
     appended = positions < 0
     positions[appended] = len(rows) + np.arange(int(appended.sum()))
+    if len(rows) + int(appended.sum()) > capacity:  # no room left for the new products: a full build makes it
+        return None
     if (~live).sum() + len(drop) > DEAD_LIMIT * max(1, len(rows) + int(appended.sum())):
         return None
     return _Plan(encode, positions, drop)
@@ -171,9 +175,7 @@ def _update(path: Path, store_path: str | os.PathLike, model: HSLModel, plan: _P
         f.attrs["updating"] = True  # a kill from here on leaves a cache that is rebuilt, never trusted
         f.flush()
         vectors, rows = f["vectors"], f["rows"]
-        size = max(len(rows), int(plan.positions.max()) + 1 if len(plan.positions) else 0)
-        vectors.resize(size, axis=0)
-        rows.resize(size, axis=0)
+        count = max(int(f.attrs["count"]), int(plan.positions.max()) + 1 if len(plan.positions) else 0)
         order = np.argsort(plan.positions)  # appended positions in row order
         for start, block in _encoded_blocks(store, model, plan.encode, progress):
             at = plan.positions[start:start + len(block)]
@@ -192,7 +194,27 @@ def _update(path: Path, store_path: str | os.PathLike, model: HSLModel, plan: _P
             del f["touched"]
         f.create_dataset("touched", data=touched)
         f.attrs.update({"store_fingerprint": fingerprint, "generation": int(f.attrs["generation"]) + 1,
-                        "updating": False})
+                        "count": count, "updating": False})
+
+
+def cache_rows(f: h5py.File) -> np.ndarray:
+    """[count] store row of each used index position (-1: dropped); the rest of the file is room to grow."""
+    return f["rows"][:int(f.attrs["count"])]
+
+
+class UsedRows:
+    """The used prefix of the `vectors` dataset, with the dataset's reading interface (shape, [...])."""
+
+    def __init__(self, vectors: h5py.Dataset, count: int) -> None:
+        self.vectors, self.shape, self.dtype = vectors, (count, vectors.shape[1]), vectors.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: object) -> np.ndarray:
+        if isinstance(key, slice):  # a slice never reaches past the used rows
+            key = slice(*key.indices(self.shape[0]))
+        return self.vectors[key]
 
 
 def _write_at(dataset: h5py.Dataset, positions: np.ndarray, values: np.ndarray) -> None:

@@ -38,6 +38,7 @@ import numpy as np
 
 from .ann import best_exact, read_rows
 from .errors import HSLError, HSLUsageError
+from .index_cache import UsedRows, cache_rows
 
 INDEX_TYPES = ("auto", "HNSW", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "DISKANN", "FLAT")
 RERANK_POOL = 200  # candidates asked of the engine and re-scored exactly, as for faiss's ivf/hnsw
@@ -259,8 +260,8 @@ class MilvusSearch:
         self._index_type = ""  # what the collection has, once _ensure_collection looked
         self._attributes: dict[str, list[str]] | None = None
         self._h5 = h5py.File(path, "r")
-        self._vectors = self._h5["vectors"]
-        self.rows = self._h5["rows"][:]  # [N] store rows (-1: a position an index update dropped)
+        self.rows = cache_rows(self._h5)  # [N] store rows (-1: a position an index update dropped)
+        self._vectors = UsedRows(self._h5["vectors"], len(self.rows))
         columns, self.ids = self.catalog()  # self.ids: [N] product id of each index position
         self.fields = field_names(columns)
         self._lookup = _IdLookup(self.ids)
