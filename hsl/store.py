@@ -399,21 +399,25 @@ def _abandon(f: h5py.File) -> None:
 
 
 def _pick_strings(ds: h5py.Dataset, rows: np.ndarray | None) -> list[str]:
-    """All strings, or those of `rows` in the order given ("" for a row of -1: a dropped index position)."""
-    text = ds.asstr()
+    """All strings, or those of `rows` in the order given ("" for a row of -1: a dropped index position).
+    Raw bytes decoded here: h5py's asstr() made reading a search's 10 hits 3x slower (25 ms vs 9 ms)."""
     if rows is None:
-        return list(text[:])
+        return [_text(v) for v in ds[:]]
     rows = np.asarray(rows, dtype=np.int64)
     wanted, back = np.unique(rows[rows >= 0], return_inverse=True)  # h5py reads increasing rows only
     if len(wanted) > ds.shape[0] // 10:  # most rows: one read, then pick (h5py point selection is slow)
-        found = text[:][wanted]
+        found = ds[:][wanted]
     else:
-        found = text[wanted] if len(wanted) else []
+        found = ds[wanted] if len(wanted) else []
     out = [""] * len(rows)
     for i, value in zip(np.flatnonzero(rows >= 0).tolist(), np.asarray(found, dtype=object)[back].tolist(),
                         strict=True):
-        out[i] = value
+        out[i] = _text(value)
     return out
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
 def _write_rows(ds: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> None:
