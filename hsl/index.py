@@ -16,7 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .ann import IVFPQOptions, ShardedIVFPQ, best_exact, build, read_rows, write_index
+from .ann import IVFPQOptions, ShardedIVFPQ, best_exact, build, matvec, read_rows, write_index
 from .errors import HSLUsageError
 from .index_cache import UsedRows, cache_rows
 from .top_k import top_k
@@ -149,14 +149,12 @@ class VectorSearch:
 def _matvec(matrix: np.ndarray, query: np.ndarray) -> np.ndarray:
     """matrix @ query. Where torch is loaded (hsl serve, or an index built in this process), torch does
     it: mixing OpenBLAS's and torch's thread pools in one query makes them spin against each other
-    (measured: p50 16 ms instead of 8 ms at 10k products). A cold `hsl query` never loads torch."""
+    (measured: p50 16 ms instead of 8 ms at 10k products). A cold `hsl query` never loads torch, and
+    takes ann.matvec, which keeps OpenBLAS on one thread."""
     torch = sys.modules.get("torch")
     if torch is not None:
         return (torch.from_numpy(matrix) @ torch.from_numpy(query)).numpy()
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1, "blas"):  # one thread: OpenBLAS's second one only waits on memory (3x slower)
-        return matrix @ query
+    return matvec(matrix, query)
 
 
 def build_faiss_index(vectors: UsedRows, backend: str, live: np.ndarray | None = None) -> object:

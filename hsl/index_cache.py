@@ -44,12 +44,10 @@ def store_stamps(store: FeatureStore) -> np.ndarray:
                      store.column("file_mtime_ns")], axis=1)
 
 
-def store_fingerprint(store: FeatureStore) -> str:
-    """Changes whenever a row is added, re-extracted or finished (cheap: numeric columns only)."""
-    digest = hashlib.sha256()
-    for name in ("status", "file_size", "file_mtime_ns"):
-        digest.update(np.ascontiguousarray(store.column(name)).tobytes())
-    digest.update(str(len(store)).encode())
+def store_fingerprint(stamps: np.ndarray) -> str:
+    """Of `store_stamps`: changes whenever a row is added, re-extracted or finished."""
+    digest = hashlib.sha256(np.ascontiguousarray(stamps).tobytes())
+    digest.update(str(len(stamps)).encode())
     return digest.hexdigest()[:16]
 
 
@@ -79,7 +77,8 @@ def refresh_index(store_path: str | os.PathLike, model: Callable[[], HSLModel], 
     full build. `model` is called only when there is something to encode (it may load torch)."""
     path = index_path(store_path, model_key)
     with FeatureStore.open(store_path) as store:
-        fingerprint, stamps = store_fingerprint(store), store_stamps(store)
+        stamps = store_stamps(store)
+        fingerprint = store_fingerprint(stamps)
     if is_current(path, fingerprint, precision):
         return path
     plan = _update_plan(path, stamps, precision)
@@ -95,7 +94,8 @@ def refresh_index(store_path: str | os.PathLike, model: Callable[[], HSLModel], 
 def build_index(store_path: str | os.PathLike, model: HSLModel, model_key: str, progress: Progress = None) -> Path:
     """Encode every extracted product's image side (in the model's precision) and write a new cache."""
     with FeatureStore.open(store_path) as store:
-        fingerprint, stamps = store_fingerprint(store), store_stamps(store)
+        stamps = store_stamps(store)
+        fingerprint = store_fingerprint(stamps)
         rows = np.flatnonzero(stamps[:, 0] == DONE)
         path = index_path(store_path, model_key)
         path.parent.mkdir(parents=True, exist_ok=True)
