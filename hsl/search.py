@@ -158,13 +158,12 @@ class Searcher:
         self.store_path = Path(store_path)
         self.device = _resolve_device(device)  # before any work: a missing GPU is one clear line, not a traceback
         self.precision = resolve_precision(precision, self.device)
+        self.model_dir = Path(model_dir) if model_dir else DEFAULT_MODEL
         with FeatureStore.open(self.store_path) as store:
             self.store_meta = dict(store.meta)
-        self.model_dir = Path(model_dir) if model_dir else DEFAULT_MODEL
-        if model_dir is None:
-            self._check_default_model()
-        self.config, self.model_meta = read_config(self.model_dir)
-        with FeatureStore.open(self.store_path) as store:
+            if model_dir is None:
+                self._check_default_model()
+            self.config, self.model_meta = read_config(self.model_dir)
             check_backbone(store, self.model_meta, str(self.model_dir))
         self.model_key = model_hash(self.model_dir)
         self._model: HSLModel | None = None
