@@ -10,7 +10,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")]
 PrecisionOption = Annotated[str, typer.Option(
-    "--precision", help="auto (bf16 on CPUs with native bf16 and on CUDA, fp16 on older GPUs, else fp32), "
+    "--precision", help="auto (bf16 on CPUs with native bf16, else fp32: on CUDA float32 measured fastest), "
     "fp32, bf16 or fp16.")]
 BatchOption = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Items per forward pass.")]
 BackendOption = Annotated[str, typer.Option(

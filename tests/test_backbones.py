@@ -55,3 +55,27 @@ def test_grid_pooling_and_unknown_backbone() -> None:
         create_backbone("resnet")
     with pytest.raises(HSLUsageError, match="unknown OpenCLIP architecture"):
         create_backbone("openclip:NoSuchArch/tag")
+
+
+def test_folded_batch_norms_compute_the_same_features() -> None:
+    import copy
+
+    import timm
+
+    from hsl.backbones import fold_batch_norms
+
+    torch.manual_seed(0)
+    tower = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    for module in tower.modules():  # running statistics far from the identity, so a wrong fold would show
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    tower.eval()
+    folded = fold_batch_norms(copy.deepcopy(tower))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        want, got = tower.forward_features(pixels), folded.forward_features(pixels)
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
