@@ -49,7 +49,7 @@ def score_matrix(model: torch.nn.Module, gallery_blocks: list, tokens: torch.Ten
     for start in range(0, len(tokens), _BLOCK):
         text = model.encode_text(tokens[start:start + _BLOCK].to(device).float(),
                                  token_mask[start:start + _BLOCK].to(device))
-        rows.append(torch.cat([model.similarities(text, image)["total"] for image in gallery_blocks], dim=1))
+        rows.append(torch.cat([model.similarities(text, image).total for image in gallery_blocks], dim=1))
     return torch.cat(rows, dim=0).cpu()  # [Q,N]
 
 

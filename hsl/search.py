@@ -293,7 +293,7 @@ class Searcher:
         exact = np.empty(len(rows), dtype=np.float32)
         with torch.no_grad():
             image = self.model.encode_image(*products.image_batch(torch.arange(len(products)), self.device))
-            exact[order] = self.model.similarities(text_enc, image)["total"][0].cpu().numpy()
+            exact[order] = self.model.similarities(text_enc, image).total[0].cpu().numpy()
         return exact
 
     def close(self) -> None:

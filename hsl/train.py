@@ -29,12 +29,12 @@ from torch.nn.parallel import DistributedDataParallel
 from . import __version__, distributed
 from .atomic import write_text_atomic
 from .checkpoint import Checkpoint
-from .config import load_config
 from .dataset import Products, Split, feature_bytes, load_products
 from .errors import HSLError, HSLUsageError
 from .evaluate import rank_products
-from .factory import create_model, save_model
-from .losses import LossBatch, build_losses
+from .factory import create_model, model_config, save_model
+from .loss_batch import LossBatch
+from .losses import build_losses, losses_need
 from .metrics import mrr, recall_at_k
 from .model import ImageEncoding, TextEncoding
 from .objectives import build_context, encode_labels, head_parameters, heads_state, load_heads_state, save_heads
@@ -110,7 +110,7 @@ class Trainer:
         if self.me.distributed and self.device.type == "cuda":
             self.device = torch.device("cuda", self.me.local_rank)  # one GPU per process, as torchrun's local rank says
         distributed.barrier()  # every rank has looked at --out before rank 0 writes into it
-        self.config = load_config(options.config)
+        self.config = model_config(options.config)  # a config whose losses the model cannot serve fails here
         self._load_data(store_path)
         self._build_model()
         self._build_optimizer()
@@ -158,8 +158,8 @@ class Trainer:
         # Heads of SGML/HUSE initialise after the model, so configs without them draw exactly as before.
         self.losses = {name: loss.to(self.device)
                        for name, loss in build_losses(self.model.config, self.context).items()}
-        # Only SGML/HUSE on the "total" embedding look at the index and query vectors: others skip them.
-        self.needs_vectors = any(getattr(loss, "embedding", None) == "total" for loss in self.losses.values())
+        # What the losses read of a batch: a batch computes only that (e.g. no index vectors for HSL alone).
+        self.needs = losses_need(self.model.config)
         # Model parameters first: the optimizer's state indices of the model stay those of an HSL-only run.
         self.params = [*self.model.parameters(), *head_parameters(self.losses)]
         self.labels = encode_labels(self.train_set.attributes, self.context.vocab)  # column -> [N] label index
@@ -240,10 +240,11 @@ class Trainer:
         model, device = self.model, self.device
         text, image = self.towers(*self.train_set.image_batch(mine, device), *self.train_set.text_batch(mine, device))
         text, image = _gather(text, image, self.me)
-        batch = LossBatch(model.similarities(text, image), self.keys[index].to(device), text, image,
-                          {column: values[index].to(device) for column, values in self.labels.items()},
-                          model.index_vectors(image) if self.needs_vectors else None,
-                          model.query_vectors(text) if self.needs_vectors else None)
+        needs = self.needs
+        batch = LossBatch(self.keys[index].to(device), model.similarities(text, image) if needs.granularities else None,
+                          text, image, {column: values[index].to(device) for column, values in self.labels.items()},
+                          model.index_vectors(image) if needs.vectors else None,
+                          model.query_vectors(text) if needs.vectors else None)
         loss = sum(weight * self.losses[name](batch) for name, weight in model.config.losses.items())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # a pass-through unless fp16 (Precision.needs_grad_scaling)

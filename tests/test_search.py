@@ -63,7 +63,7 @@ def _brute_force(store: Path, model_dir: Path, text: str) -> list[tuple[str, flo
     mask = torch.arange(features.tokens.shape[1])[None] < features.lengths.clamp(min=1)[:, None]
     with torch.no_grad():
         image = model.encode_image(*products.image_batch(torch.arange(len(products)), torch.device("cpu")))
-        scores = model.similarities(model.encode_text(features.tokens, mask), image)["total"][0]
+        scores = model.similarities(model.encode_text(features.tokens, mask), image).total[0]
     order = torch.argsort(scores, descending=True, stable=True).tolist()
     return [(products.ids[i], float(scores[i])) for i in order]
 
