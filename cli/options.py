@@ -1,4 +1,5 @@
-"""Option aliases shared by several commands, so each is spelled and documented once."""
+"""Option aliases shared by several commands, so each is spelled and documented once, and the one
+table from the library's parameter names to this CLI's words for them (`FLAGS`)."""
 
 from pathlib import Path
 from typing import Annotated
@@ -29,3 +30,17 @@ MilvusUriOption = Annotated[str | None, typer.Option(
 MilvusIndexOption = Annotated[str, typer.Option(
     envvar="HSL_MILVUS_INDEX", help="milvus: the collection's index: auto (HNSW), HNSW, IVF_FLAT, IVF_SQ8, IVF_PQ, "
     "DISKANN (cluster only) or FLAT (exhaustive).")]
+
+# The library names the parameter at fault in its errors (hsl/errors.py); the CLI words it with its own flag.
+FLAGS: dict[str, str] = {
+    "answers": "--answers", "backbone": "--backbone", "backend": "--backend", "batch_size": "--batch-size",
+    "config": "--config", "device": "--device", "grid": "--grid", "hierarchy": "--hierarchy", "host": "--host",
+    "html": "--html", "max_boxes": "--max-boxes", "max_products": "--max-products",
+    "max_text_tokens": "--max-text-tokens", "milvus.index": "--milvus-index", "milvus.uri": "--milvus-uri",
+    "model": "--model", "nprobe": "--nprobe", "out": "--out", "port": "--port", "precision": "--precision",
+    "queries": "--queries", "query": "the query", "resume": "--resume", "seed": "--seed", "split": "--split",
+    "store": "--store", "text_column": "--text-column", "top_k": "--top-k", "val_fraction": "--val-fraction",
+    "where": "--where", "workers": "--workers",
+    "ivfpq.dim": "--pca-dim", "ivfpq.m": "--pq-m", "ivfpq.nlist": "--nlist", "ivfpq.rerank": "--rerank",
+    "ivfpq.shards": "--shards",
+}

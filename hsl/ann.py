@@ -48,24 +48,28 @@ class IVFPQOptions:
 
     def resolved(self, n: int, dims: int) -> IVFPQOptions:
         """Check every knob against a store of n vectors of `dims`; fill in the automatic ones."""
-        for name, value, flag in (("m", self.m, "--pq-m"), ("nprobe", self.nprobe, "--nprobe"),
-                                  ("rerank", self.rerank, "--rerank"), ("shards", self.shards, "--shards")):
+        for name, value in (("ivfpq.m", self.m), ("nprobe", self.nprobe), ("ivfpq.rerank", self.rerank),
+                            ("ivfpq.shards", self.shards)):
             if not isinstance(value, int) or value < 1:
-                raise HSLUsageError(f"{flag} must be a positive integer, not {value!r} ({name})")
+                raise HSLUsageError(f"`{name}` must be a positive integer, not {value!r}", name, value)
         if not isinstance(self.nlist, int) or self.nlist < 0:
-            raise HSLUsageError(f"--nlist must be a positive integer (or 0 for automatic), not {self.nlist!r}")
+            raise HSLUsageError(f"`ivfpq.nlist` must be a positive integer (or 0 for automatic), not {self.nlist!r}",
+                                "ivfpq.nlist", self.nlist)
         if not isinstance(self.dim, int) or not 0 <= self.dim <= dims:
-            raise HSLUsageError(f"--pca-dim must be between 1 and the index dimension {dims} (or 0: no PCA), "
-                                f"not {self.dim!r}")
+            raise HSLUsageError(f"`ivfpq.dim` must be between 1 and the index dimension {dims} (or 0: no PCA), "
+                                f"not {self.dim!r}", "ivfpq.dim", self.dim)
         if self.shards > max(n, 1):
-            raise HSLUsageError(f"--shards {self.shards} is more than the {n} products in the index")
+            raise HSLUsageError(f"`ivfpq.shards` {self.shards} is more than the {n} products in the index",
+                                "ivfpq.shards", self.shards)
         dim = self.dim or dims
         if dim % self.m:
-            raise HSLUsageError(f"--pq-m {self.m} must divide the PCA dimension {dim} (e.g. {_divisor(dim)})")
+            raise HSLUsageError(f"`ivfpq.m` {self.m} must divide the PCA dimension {dim} (e.g. {_divisor(dim)})",
+                                "ivfpq.m", self.m)
         per_shard = max(1, n // self.shards)
         nlist = self.nlist or min(65536, 2 ** round(math.log2(math.sqrt(per_shard))))
         if nlist > per_shard:
-            raise HSLUsageError(f"--nlist {nlist} is more than the {per_shard} products per shard")
+            raise HSLUsageError(f"`ivfpq.nlist` {nlist} is more than the {per_shard} products per shard",
+                                "ivfpq.nlist", nlist)
         return replace(self, nlist=nlist, dim=dim)
 
     def tag(self) -> str:

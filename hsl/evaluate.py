@@ -73,7 +73,7 @@ def read_queries(path: str | os.PathLike) -> Queries:
     try:
         handle = open(path, encoding="utf-8")
     except OSError as exc:
-        raise HSLUsageError(os_error_message(exc, "--queries")) from None
+        raise HSLUsageError(os_error_message(exc, "`queries`"), "queries", os.fspath(path)) from None
     with handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -120,9 +120,10 @@ def evaluate(store_path: str | os.PathLike, model_dir: str | os.PathLike, querie
     """
     if answers_path is not None:
         if queries_path is not None:
-            raise HSLUsageError("give --queries or --answers, not both")
+            raise HSLUsageError("give `queries` or `answers`, not both", "answers", answers_path)
         if backend != "exact":
-            raise HSLUsageError("--answers ranks each query's own pool of candidates exactly; leave out --backend")
+            raise HSLUsageError("`answers` ranks each query's own pool of candidates exactly; leave out `backend`",
+                                "backend", backend, ["exact"])
         from .pools import evaluate_pools
 
         return evaluate_pools(store_path, model_dir, answers_path, device=device, precision=precision)
@@ -244,8 +245,12 @@ def _huse_accuracy(model: torch.nn.Module, model_dir: str | os.PathLike, gallery
 def _path(products: Products, hierarchy: list[str], i: int) -> tuple[str, ...]:
     missing = [c for c in hierarchy if c not in products.attributes]
     if missing:
-        raise HSLUsageError(f"--hierarchy column {missing[0]!r} is not a store column")
+        raise HSLUsageError(f"`hierarchy` column {missing[0]!r} is not a store column", "hierarchy", missing[0],
+                            list(products.attributes))
     return tuple(products.attributes[c][i] for c in hierarchy)
+
+
+SPLITS = ("auto", "all", "train", "val", "test")
 
 
 def _auto_split(meta: dict) -> str:
@@ -258,10 +263,11 @@ def _split_products(products: Products, meta: dict, split: str) -> Products:
     if split == "all":
         return products
     if split not in ("train", "val", "test"):
-        raise HSLUsageError(f"--split must be auto, all, train, val or test, not {split!r}")
+        raise HSLUsageError(f"`split` must be auto, all, train, val or test, not {split!r}", "split", split,
+                            SPLITS)
     saved = meta.get("split")
     if not saved:
-        raise HSLUsageError("this model records no split; use --split all")
+        raise HSLUsageError("this model records no split; use `split` all", "split", split, ["all"])
     chosen = products.subset(Split(**saved).indices(products.ids)[split])
     if len(chosen) == 0:
         raise HSLError(f"the store holds no products of the model's {split} split")

@@ -121,7 +121,7 @@ def check_backbone(store: FeatureStore, options: ExtractOptions) -> None:
         if value is not None and value != meta[key]:
             raise StoreMismatchError(
                 f"{store.path} holds {key} {meta[key]!r}, this run asks for {value!r}; "
-                f"extract into another --store, or drop the option to keep extending this one")
+                f"extract into another `store`, or leave out `{key}` to keep extending this one", key, value)
 
 
 def store_precision(meta: dict) -> str:

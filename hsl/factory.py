@@ -52,7 +52,8 @@ def load_model(model_dir: str | os.PathLike) -> tuple[HSLModel, dict[str, Any]]:
     """(model in eval mode on CPU, meta) from a folder written by save_model."""
     folder = Path(model_dir)
     if not folder.is_dir():
-        raise HSLError(f"model folder {folder} not found; give the --out folder of `hsl train`")
+        raise HSLError(f"model folder {folder} not found; give the `out` folder of a training run", "model",
+                       os.fspath(folder))
     config, meta = read_config(folder)
     path = folder / WEIGHTS_FILE
     if not path.is_file():

@@ -37,7 +37,8 @@ class VectorSearch:
     def __init__(self, path: Path, backend: str = "auto", nprobe: int = 32, ef_search: int = 128,
                  ivfpq: IVFPQOptions | None = None) -> None:
         if backend not in BACKENDS:
-            raise HSLUsageError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+            raise HSLUsageError(f"`backend` must be one of {', '.join(BACKENDS)}, not {backend!r}", "backend", backend,
+                                BACKENDS)
         if backend == "milvus":
             raise HSLUsageError("the milvus backend is hsl.milvus.MilvusSearch (Searcher picks it), not VectorSearch")
         self.path = path

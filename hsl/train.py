@@ -3,7 +3,7 @@
 Deterministic for a fixed seed on CPU, for one precision (hsl/precision.py; `auto` resolves the same
 way on the same machine): the split comes from hashed ids, each epoch's shuffle and
 dropout from (seed, epoch). After every epoch the full training state goes to `DIR/checkpoint/`
-atomically, so `--resume` after a kill continues from the last finished epoch and ends with the
+atomically, so resuming after a kill continues from the last finished epoch and ends with the
 same weights as an uninterrupted run.
 
 Under `torchrun` (hsl/distributed.py) the towers run in DistributedDataParallel: every rank draws
@@ -102,14 +102,15 @@ class Trainer:
         self.options, self.out = options, Path(out_dir)
         self.ckpt = Checkpoint(self.out / "checkpoint")
         if self.out.exists() and any(self.out.iterdir()) and not options.resume:
-            raise HSLUsageError(f"{self.out} is not empty; give another --out, or --resume to continue its training")
-        # --resume before any epoch finished (a kill during the first one) simply starts from scratch.
+            raise HSLUsageError(f"{self.out} is not empty; give another `out`, or `resume` to continue its training",
+                                "out", str(self.out))
+        # Resuming before any epoch finished (a kill during the first one) simply starts from scratch.
         resuming = options.resume and self.ckpt.exists()
         self.device = torch.device(options.device)
         self.me = distributed.init(self.device)
         if self.me.distributed and self.device.type == "cuda":
             self.device = torch.device("cuda", self.me.local_rank)  # one GPU per process, as torchrun's local rank says
-        distributed.barrier()  # every rank has looked at --out before rank 0 writes into it
+        distributed.barrier()  # every rank has looked at the out folder before rank 0 writes into it
         self.config = model_config(options.config)  # a config whose losses the model cannot serve fails here
         self._load_data(store_path)
         self._build_model()
@@ -146,7 +147,8 @@ class Trainer:
             self.train_set = self.train_set.loaded()  # fits: batches come from memory; else each one from the store
         if len(self.train_set) < 2 or (len(self.val_set) < 1 and options.val_fraction > 0):
             raise HSLUsageError(f"split gives {len(self.train_set)} training and {len(self.val_set)} validation "
-                                "products; extract more products or change --val-fraction")
+                                "products; extract more products or change `val_fraction`", "val_fraction",
+                                options.val_fraction)
 
     def _build_model(self) -> None:
         """Model, losses (with their heads) and label indices; the order of the random draws is fixed."""
@@ -179,11 +181,13 @@ class Trainer:
         trained = state["args"]
         if trained["config"] != self.options.config or trained["seed"] != self.options.seed:
             raise HSLUsageError(f"{self.out} was trained with config {trained['config']} and seed "
-                                f"{trained['seed']}; resume with the same --config and --seed")
+                                f"{trained['seed']}; resume with the same `config` and `seed`", "config",
+                                self.options.config)
         trained_in = trained.get("precision", "fp32")  # checkpoints from before precision was recorded
         if trained_in != self.precision.name:  # another precision would not end with the same weights
             raise HSLUsageError(f"{self.out} was trained in {trained_in}, this run would train in "
-                                f"{self.precision.name}; resume with --precision {trained_in}")
+                                f"{self.precision.name}; resume with `precision` {trained_in}", "precision",
+                                self.options.precision, [trained_in])
         self.model.load_state_dict(tensors["model"])
         load_heads_state(self.losses, tensors.get("objectives", {}), str(self.ckpt.folder))
         _load_optimizer(self.optimizer, tensors["optimizer"])
@@ -256,7 +260,7 @@ class Trainer:
 
     def end_epoch(self, epoch: int, loss: float, seconds: float) -> dict:
         """Rank 0: validate, keep the model if best, write the record once, then the checkpoint; the entry."""
-        # --val-fraction 0 (train on everything, e.g. the shipped model): the last epoch is kept.
+        # A val_fraction of 0 (train on everything, e.g. the shipped model): the last epoch is kept.
         metrics = validate(self.model, self.val_set, self.device) if len(self.val_set) else {}
         entry = {"epoch": epoch + 1, "loss": loss, "val": metrics, "seconds": round(seconds, 2),
                  "peak_rss_mb": _peak_rss_mb()}
@@ -310,7 +314,7 @@ def _capped(parts: dict[str, np.ndarray], max_products: int | None, seed: int) -
     if max_products is None:
         return parts
     if max_products < 2:
-        raise HSLUsageError(f"--max-products must be at least 2, not {max_products}")
+        raise HSLUsageError(f"`max_products` must be at least 2, not {max_products}", "max_products", max_products)
     rng = np.random.default_rng(seed)
     capped = dict(parts)
     for side, cap in (("train", max_products), ("val", max(100, min(2000, max_products // 10)))):

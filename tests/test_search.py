@@ -96,7 +96,7 @@ def test_where_filters_before_ranking(shop: Path, tmp_path: Path) -> None:
 def test_bad_queries_are_clear(shop: Path, tmp_path: Path) -> None:
     searcher = Searcher(shop, _save_random_model(tmp_path / "m", 2))
     for empty in ("", "   ", "\x00\x07\n"):
-        with pytest.raises(HSLUsageError, match="the query is empty"):
+        with pytest.raises(HSLUsageError, match="`query` is empty"):
             searcher.search(empty)
     result = searcher.search("red " * 5000)
     assert result.warnings and "truncated" in result.warnings[0] and len(result.hits) == 10
