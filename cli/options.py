@@ -8,6 +8,10 @@ import typer
 
 StoreOption = Annotated[Path, typer.Option("--store", "-s", help="HDF5 feature store file.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+# Two different --model options: search commands fall back on the shipped model, `hsl eval` needs one.
+ModelOrDefaultOption = Annotated[Path | None, typer.Option("--model", "-m",
+                                                           help="Model folder (default: the shipped one).")]
+TrainedModelOption = Annotated[Path, typer.Option("--model", "-m", help="Trained model folder.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")]
 PrecisionOption = Annotated[str, typer.Option(

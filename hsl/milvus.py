@@ -39,9 +39,9 @@ import numpy as np
 from .ann import best_exact, read_rows
 from .errors import HSLError, HSLUsageError
 from .index_cache import UsedRows, cache_rows
+from .options import EF_SEARCH, NPROBE, RERANK_POOL
 
 INDEX_TYPES = ("auto", "HNSW", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "DISKANN", "FLAT")
-RERANK_POOL = 200  # candidates asked of the engine and re-scored exactly, as for faiss's ivf/hnsw
 STATE_COLLECTION = "hsl_sync_state"
 LITE_FILE = "milvus.db"  # the default Milvus Lite database, beside the index cache
 # Products per upsert: at most 1,000 and ~4 MB of vectors (far inside gRPC's 64 MB message limit). Each batch
@@ -69,8 +69,8 @@ class MilvusOptions:
 
     uri: str | None = None
     index: str = "auto"  # auto = HNSW (M 16, efConstruction 200); FLAT = exhaustive
-    nprobe: int = 32  # IVF_*: lists visited per query
-    ef_search: int = 128  # HNSW: candidate list (at least the re-rank pool)
+    nprobe: int = NPROBE  # IVF_*: lists visited per query
+    ef_search: int = EF_SEARCH  # HNSW: candidate list (at least the re-rank pool)
     connect_timeout: float = 10.0
     shards: int = 1  # a new collection's shards (write channels); a cluster's query nodes split segments anyway
     replicas: int = 1  # copies loaded on a cluster's query nodes: query throughput and failover

@@ -23,6 +23,7 @@ from .errors import HSLError, HSLUsageError, StoreMismatchError
 from .index import VectorSearch
 from .index_cache import refresh_index
 from .model_files import check_backbone, model_hash, read_config
+from .options import EF_SEARCH, NPROBE, RERANK_POOL, TOP_K
 from .precision import resolve_precision
 from .store import FeatureStore
 
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
 MAX_QUERY_CHARS = 1000  # far past any title; longer input is truncated with a warning
-RERANK_CANDIDATES = 200  # AGG = max | topk: exact re-ranking of this many inner-product candidates
 
 
 @dataclass
@@ -154,7 +154,7 @@ class Searcher:
 
     def __init__(self, store_path: str | os.PathLike, model_dir: str | os.PathLike | None = None,
                  device: str = "cpu", progress: Callable[[int, int], None] | None = None,
-                 backend: str = "auto", nprobe: int = 32, ef_search: int = 128,
+                 backend: str = "auto", nprobe: int = NPROBE, ef_search: int = EF_SEARCH,
                  ivfpq: IVFPQOptions | None = None, precision: str = "auto", keep_strings: bool = False,
                  milvus: MilvusOptions | None = None) -> None:
         self.store_path = Path(store_path)
@@ -259,7 +259,7 @@ class Searcher:
             self._attribute_mask(where)  # reads the attribute columns once
         return {"where": self._attributes.stored_values(where)}
 
-    def search(self, query: str, top_k: int = 10, where: dict[str, str] | None = None) -> SearchResult:
+    def search(self, query: str, top_k: int = TOP_K, where: dict[str, str] | None = None) -> SearchResult:
         if top_k < 1:
             raise HSLUsageError(f"`top_k` must be at least 1, got {top_k}", "top_k", top_k)
         text, warnings = clean_query(query)
@@ -276,7 +276,7 @@ class Searcher:
         if query_vector is None:
             query_vector = self.model.query_vectors(text_enc)[0].detach().cpu().numpy()  # [D]
         exact = self.config.exact_by_inner_product  # else: inner products only gather candidates
-        positions, scores = self.index.search(query_vector, top_k if exact else max(top_k, RERANK_CANDIDATES),
+        positions, scores = self.index.search(query_vector, top_k if exact else max(top_k, RERANK_POOL),
                                               allowed, **(engine_filter or {}))
         if not exact and len(positions):
             scores = self._exact_scores(text_enc, positions)

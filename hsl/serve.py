@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .errors import HSLError, HSLUsageError
+from .options import TOP_K
 from .search import Hit, Searcher, SearchResult, clean_query
 
 if TYPE_CHECKING:
@@ -116,7 +117,7 @@ class Catalog:
         return self._filter.mask(where) if where else None
 
     # -- searches ---------------------------------------------------------------------------------
-    def search(self, query: str, top_k: int = 10, where: dict[str, str] | None = None) -> SearchResult:
+    def search(self, query: str, top_k: int = TOP_K, where: dict[str, str] | None = None) -> SearchResult:
         """Text-to-image HSL search (the Searcher's scores)."""
         _check_top_k(top_k)
         clean_query(query)  # an empty query is refused before it waits for a slot
@@ -124,7 +125,7 @@ class Catalog:
         with self._slots:
             return self.searcher.search(query, top_k=top_k, where=where)
 
-    def similar(self, product_id: str, top_k: int = 10, where: dict[str, str] | None = None) -> SearchResult:
+    def similar(self, product_id: str, top_k: int = TOP_K, where: dict[str, str] | None = None) -> SearchResult:
         """Products whose stored index vectors best match this product's (score: see the module docstring)."""
         _check_top_k(top_k)
         position = self._find(product_id)

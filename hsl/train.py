@@ -18,7 +18,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -38,27 +38,12 @@ from .losses import build_losses, losses_need
 from .metrics import mrr, recall_at_k
 from .model import ImageEncoding, TextEncoding
 from .objectives import build_context, encode_labels, head_parameters, heads_state, load_heads_state, save_heads
+from .options import TrainOptions
 from .precision import resolve_precision
 from .store import FeatureStore
 
 EpochFn = Callable[[dict], None]  # called after each epoch with its record
 StepFn = Callable[[int, int, float], None]  # (step, steps per epoch, loss)
-
-
-@dataclass
-class TrainOptions:
-    config: str = "hsl-default"
-    epochs: int | None = None  # None: the config's
-    batch_size: int | None = None
-    lr: float | None = None
-    val_fraction: float = 0.1
-    test_fraction: float = 0.15  # a fixed, seed-independent hold-out that training never sees
-    seed: int = 0
-    device: str = "cpu"
-    resume: bool = False
-    precision: str = "auto"  # of the towers' forward passes; auto: the fastest on the device (hsl/precision.py)
-    max_products: int | None = None  # train on a seeded sample of this many training products (None: all)
-    memory_budget: int = 2 << 30  # bytes of features held in memory; a larger training set streams from the store
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
