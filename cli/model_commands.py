@@ -65,7 +65,8 @@ def train(
 
     def report_epoch(entry: dict) -> None:
         if not quiet:
-            val = "  ".join(f"val {k} {v:.3f}" for k, v in entry["val"].items() if k != "MRR")
+            val = "  ".join(f"val {k} {v:.3f}" for k, v in entry["val"].items()
+                             if not k.startswith("MRR"))
             err.print(f"epoch {entry['epoch']}: loss {entry['loss']:.4f}  {val}  ({entry['seconds']:.0f}s, "
                       f"peak memory {entry['peak_rss_mb']:,.0f} MB)", highlight=False)
 
@@ -101,7 +102,7 @@ def evaluate(
     precision: PrecisionOption = "auto",
     json_output: JsonOption = False,
 ) -> None:
-    """Score a trained model: Recall@K, MRR, mAP, P@K, NDCG@5 (KDD Cup 2020), graded NDCG@10, HP@K."""
+    """Score a trained model: Recall@K, MRR@10, mAP@10, P@K, NDCG@5 (KDD Cup 2020), graded NDCG@10, HP@K."""
     from hsl.devices import resolve_device
     from hsl.evaluate import evaluate as run_eval
 

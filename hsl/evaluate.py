@@ -1,6 +1,6 @@
 """`hsl eval`: rank a gallery of products for each query and score the rankings.
 
-Queries are either each product's own title (instance retrieval: Recall@K, MRR, ...) or a JSONL
+Queries are either each product's own title (instance retrieval: Recall@K, MRR@10, ...) or a JSONL
 file of free-text queries with relevant ids (binary) or attributes (graded relevance = share of
 the named attributes a product matches).
 """
@@ -18,7 +18,7 @@ import torch
 from .dataset import Products, Split, load_products
 from .errors import HSLError, HSLUsageError, os_error_message
 from .masks import token_mask
-from .metrics import graded_ndcg_at_k, hierarchical_precision_at_k, mrr, summarize
+from .metrics import graded_ndcg_at_k, hierarchical_precision_at_k, summarize
 from .model_files import check_backbone
 from .precision import resolve_precision
 from .top_k import top_k_rows
@@ -149,7 +149,7 @@ def evaluate(store_path: str | os.PathLike, model_dir: str | os.PathLike, querie
         else:
             ranked = rank_products(model, gallery, gallery.tokens, gallery.token_mask, torch_device, top_k=k)
         relevant = [{i} for i in gallery.ids]
-        metrics = summarize(ranked, relevant)
+        metrics = summarize(ranked, relevant, depth=k)
         query_paths = None if not hierarchy else [_path(gallery, hierarchy, i) for i in range(len(gallery))]
     else:
         queries = read_queries(queries_path)
@@ -162,7 +162,7 @@ def evaluate(store_path: str | os.PathLike, model_dir: str | os.PathLike, querie
         ranked = [[gallery.ids[j] for j in row] for row in top]
         metrics = {}
         if queries.relevant is not None:
-            metrics = {**summarize(ranked, queries.relevant), "MRR": mrr(ranked, queries.relevant)}
+            metrics = summarize(ranked, queries.relevant, depth=k)
         else:
             gains = [attribute_gains(gallery, wanted) for wanted in queries.attributes]
             ranked_gains = [[g[j] for j in row] for g, row in zip(gains, top, strict=True)]

@@ -35,7 +35,7 @@ from .evaluate import rank_products
 from .factory import create_model, model_config, save_model
 from .loss_batch import LossBatch
 from .losses import build_losses, losses_need
-from .metrics import mrr, recall_at_k
+from .metrics import current_names, mrr, recall_at_k
 from .model import ImageEncoding, TextEncoding
 from .objectives import build_context, encode_labels, head_parameters, heads_state, load_heads_state, save_heads
 from .options import TrainOptions
@@ -70,7 +70,7 @@ def validate(model: torch.nn.Module, products: Products, device: torch.device) -
     ranked = rank_products(model, products, products.tokens, products.token_mask, device, top_k=10)
     relevant = [{i} for i in products.ids]
     return {"R@1": recall_at_k(ranked, relevant, 1), "R@5": recall_at_k(ranked, relevant, 5),
-            "R@10": recall_at_k(ranked, relevant, 10), "MRR": mrr(ranked, relevant)}
+            "R@10": recall_at_k(ranked, relevant, 10), "MRR@10": mrr(ranked, relevant)}
 
 
 def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: TrainOptions | None = None,
@@ -183,6 +183,8 @@ class Trainer:
             group["lr"] = lr  # the optimizer's state above came with the initial learning rate
         # Checkpoints from before the record lived in metrics.json alone carry it in their state.
         self.record = state.get("record") or _record_until(self.out / "metrics.json", state["epoch"])
+        for entry in [*self.record["history"], self.record["best"] or {}]:  # from before MRR was named MRR@10
+            entry["val"] = current_names(entry.get("val", {}))
         return state["epoch"]
 
     def run(self, on_step: StepFn | None = None, on_epoch: EpochFn | None = None) -> dict:
