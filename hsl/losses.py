@@ -127,7 +127,9 @@ def check_config(config: ModelConfig) -> ModelConfig:
     for name in config.losses:
         if name not in LOSSES:
             raise HSLUsageError(f"config {config.name!r}: unknown loss {name!r}; known: {sorted(LOSSES)}")
-        for what, fix in LOSSES[name].loss.needs(config).missing(produced, name)[:1]:
+        missing = LOSSES[name].loss.needs(config).missing(produced, name)
+        if missing:
+            what, fix = missing[0]  # one line: the first thing missing says what to change
             raise HSLUsageError(f"config {config.name!r}: loss {name!r} needs {what}, which its model "
                                 f"(granularities {list(config.granularities)}) does not produce; {fix}")
     return config
