@@ -22,11 +22,12 @@ from pathlib import Path
 
 from hsl.checkpoint import Checkpoint
 from hsl.evaluate import evaluate
+from hsl.metrics import current_names
 from hsl.train import TrainOptions, train
 
 QUERIES = Path(__file__).resolve().parents[1] / "data" / "queries" / "fashion_attributes.jsonl"
 HIERARCHY = ["masterCategory", "subCategory", "articleType"]
-COLUMNS = ["R@1", "R@5", "R@10", "MRR", "NDCG@5", "gNDCG@10", "HP@5", "acc_image", "acc_text", "train_s"]
+COLUMNS = ["R@1", "R@5", "R@10", "MRR@10", "NDCG@5", "gNDCG@10", "HP@5", "acc_image", "acc_text", "train_s"]
 
 
 def run_one(store: Path, out: Path, config: str, seed: int, epochs: int | None, device: str = "cpu",
@@ -56,7 +57,7 @@ def table(results: dict[str, list[dict]]) -> str:
     for name, runs in results.items():
         cells = []
         for column in COLUMNS:
-            values = [r[column] for r in runs if column in r]
+            values = [r[column] for r in map(current_names, runs) if column in r]  # old runs: "MRR"
             if not values:
                 cells.append("-")
                 continue

@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from hsl.options import TrainOptions
+
 from .app import app
 from .options import (
     BackendOption,
@@ -18,10 +20,9 @@ from .options import (
     PrecisionOption,
     QuietOption,
     StoreOption,
+    TrainedModelOption,
 )
 from .render import err, handle_errors, out, print_json, progress_bar
-
-ModelOption = Annotated[Path, typer.Option("--model", "-m", help="Trained model folder.")]
 
 
 @app.command()
@@ -30,18 +31,20 @@ def train(
     store: StoreOption,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
     config: Annotated[str, typer.Option(help="Config name (hsl-default, hsl-paper, dual, ...) or JSON path.")]
-    = "hsl-default",
+    = TrainOptions.config,
     epochs: Annotated[int | None, typer.Option(min=1, help="Default: the config's.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=2, help="Default: the config's.")] = None,
     lr: Annotated[float | None, typer.Option(min=0, help="Learning rate. Default: the config's.")] = None,
-    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of products for validation.")] = 0.1,
-    test_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Fixed hold-out never trained on.")] = 0.15,
-    seed: Annotated[int, typer.Option(help="Seed of the split, shuffle and initialisation.")] = 0,
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of products for validation.")]
+    = TrainOptions.val_fraction,
+    test_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Fixed hold-out never trained on.")]
+    = TrainOptions.test_fraction,
+    seed: Annotated[int, typer.Option(help="Seed of the split, shuffle and initialisation.")] = TrainOptions.seed,
     resume: Annotated[bool, typer.Option(help="Continue from the last finished epoch in --out.")] = False,
     max_products: Annotated[int | None, typer.Option(min=2, help="Train on a seeded sample of this many "
                                                      "products (default: all; a large store streams).")] = None,
-    device: DeviceOption = "cpu",
-    precision: PrecisionOption = "auto",
+    device: DeviceOption = TrainOptions.device,
+    precision: PrecisionOption = TrainOptions.precision,
     quiet: QuietOption = False,
     json_output: JsonOption = False,
 ) -> None:
@@ -51,7 +54,6 @@ def train(
     rank 0 alone reports and writes."""
     from hsl.devices import resolve_device
     from hsl.distributed import from_env
-    from hsl.train import TrainOptions
     from hsl.train import train as run_train
 
     options = TrainOptions(config=config, epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
@@ -63,7 +65,8 @@ def train(
 
     def report_epoch(entry: dict) -> None:
         if not quiet:
-            val = "  ".join(f"val {k} {v:.3f}" for k, v in entry["val"].items() if k != "MRR")
+            val = "  ".join(f"val {k} {v:.3f}" for k, v in entry["val"].items()
+                             if not k.startswith("MRR"))
             err.print(f"epoch {entry['epoch']}: loss {entry['loss']:.4f}  {val}  ({entry['seconds']:.0f}s, "
                       f"peak memory {entry['peak_rss_mb']:,.0f} MB)", highlight=False)
 
@@ -85,7 +88,7 @@ def train(
 @handle_errors
 def evaluate(
     store: StoreOption,
-    model: ModelOption,
+    model: TrainedModelOption,
     queries: Annotated[Path | None, typer.Option(help="JSONL: {query, relevant: [ids]} or {query, attributes}.")]
     = None,
     answers: Annotated[Path | None, typer.Option(help="KDD Cup 2020 answer JSON (query id -> product ids): each "
@@ -99,7 +102,7 @@ def evaluate(
     precision: PrecisionOption = "auto",
     json_output: JsonOption = False,
 ) -> None:
-    """Score a trained model: Recall@K, MRR, mAP, P@K, NDCG@5 (KDD Cup 2020), graded NDCG@10, HP@K."""
+    """Score a trained model: Recall@K, MRR@10, mAP@10, P@K, NDCG@5 (KDD Cup 2020), graded NDCG@10, HP@K."""
     from hsl.devices import resolve_device
     from hsl.evaluate import evaluate as run_eval
 

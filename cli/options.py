@@ -1,4 +1,5 @@
-"""Option aliases shared by several commands, so each is spelled and documented once."""
+"""Option aliases shared by several commands, so each is spelled and documented once, and the one
+table from the library's parameter names to this CLI's words for them (`FLAGS`)."""
 
 from pathlib import Path
 from typing import Annotated
@@ -7,6 +8,10 @@ import typer
 
 StoreOption = Annotated[Path, typer.Option("--store", "-s", help="HDF5 feature store file.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+# Two different --model options: search commands fall back on the shipped model, `hsl eval` needs one.
+ModelOrDefaultOption = Annotated[Path | None, typer.Option("--model", "-m",
+                                                           help="Model folder (default: the shipped one).")]
+TrainedModelOption = Annotated[Path, typer.Option("--model", "-m", help="Trained model folder.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")]
 PrecisionOption = Annotated[str, typer.Option(
@@ -29,3 +34,17 @@ MilvusUriOption = Annotated[str | None, typer.Option(
 MilvusIndexOption = Annotated[str, typer.Option(
     envvar="HSL_MILVUS_INDEX", help="milvus: the collection's index: auto (HNSW), HNSW, IVF_FLAT, IVF_SQ8, IVF_PQ, "
     "DISKANN (cluster only) or FLAT (exhaustive).")]
+
+# The library names the parameter at fault in its errors (hsl/errors.py); the CLI words it with its own flag.
+FLAGS: dict[str, str] = {
+    "answers": "--answers", "backbone": "--backbone", "backend": "--backend", "batch_size": "--batch-size",
+    "config": "--config", "device": "--device", "grid": "--grid", "hierarchy": "--hierarchy", "host": "--host",
+    "html": "--html", "max_boxes": "--max-boxes", "max_products": "--max-products",
+    "max_text_tokens": "--max-text-tokens", "milvus.index": "--milvus-index", "milvus.uri": "--milvus-uri",
+    "model": "--model", "nprobe": "--nprobe", "out": "--out", "port": "--port", "precision": "--precision",
+    "queries": "--queries", "query": "the query", "resume": "--resume", "seed": "--seed", "split": "--split",
+    "store": "--store", "text_column": "--text-column", "top_k": "--top-k", "val_fraction": "--val-fraction",
+    "where": "--where", "workers": "--workers",
+    "ivfpq.dim": "--pca-dim", "ivfpq.m": "--pq-m", "ivfpq.nlist": "--nlist", "ivfpq.rerank": "--rerank",
+    "ivfpq.shards": "--shards",
+}

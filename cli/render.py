@@ -54,14 +54,13 @@ def handle_errors(command: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from hsl.errors import HSLError, HSLUsageError, os_error_message
 
+        from .options import FLAGS
+
         try:
             return command(*args, **kwargs)
-        except HSLUsageError as exc:
-            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except HSLError as exc:
-            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+        except HSLError as exc:  # the library names the parameter at fault; the user reads this CLI's flag
+            err.print(f"[red]error:[/red] {escape(exc.worded(FLAGS))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2 if isinstance(exc, HSLUsageError) else 1) from None
         except OSError as exc:  # the file system said no (permissions, disk full, a damaged file)
             err.print(f"[red]error:[/red] {escape(os_error_message(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None

@@ -9,6 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from hsl.options import EF_SEARCH, NPROBE, TOP_K, IVFPQOptions
+
 from .app import app
 from .options import (
     BackendOption,
@@ -17,6 +19,7 @@ from .options import (
     JsonOption,
     MilvusIndexOption,
     MilvusUriOption,
+    ModelOrDefaultOption,
     NlistOption,
     NprobeOption,
     PcaDimOption,
@@ -28,8 +31,6 @@ from .options import (
     StoreOption,
 )
 from .render import display_path, err, handle_errors, out, print_json, progress_bar
-
-ModelOption = Annotated[Path | None, typer.Option("--model", "-m", help="Model folder (default: the shipped one).")]
 
 
 def _read_queries(source: str) -> list[str]:
@@ -50,19 +51,19 @@ def query(
     text: Annotated[str | None, typer.Argument(help="What the shopper types, e.g. 'red floral summer dress'.")]
     = None,
     store: StoreOption = Path("catalog.h5"),
-    model: ModelOption = None,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Results per query.")] = 10,
+    model: ModelOrDefaultOption = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Results per query.")] = TOP_K,
     where: Annotated[list[str] | None, typer.Option(help="Filter: COLUMN=VALUE (repeatable).")] = None,
     queries: Annotated[str | None, typer.Option(help="A file of queries, one per line ('-': stdin).")] = None,
     html: Annotated[Path | None, typer.Option(help="Also write a self-contained HTML page of the results.")] = None,
     backend: BackendOption = "auto",
-    nprobe: NprobeOption = 32,
-    ef_search: EfSearchOption = 128,
-    nlist: NlistOption = 0,
-    pq_m: PqMOption = 64,
-    pca_dim: PcaDimOption = 256,
-    rerank: RerankOption = 400,
-    shards: ShardsOption = 1,
+    nprobe: NprobeOption = NPROBE,
+    ef_search: EfSearchOption = EF_SEARCH,
+    nlist: NlistOption = IVFPQOptions.nlist,
+    pq_m: PqMOption = IVFPQOptions.m,
+    pca_dim: PcaDimOption = IVFPQOptions.dim,
+    rerank: RerankOption = IVFPQOptions.rerank,
+    shards: ShardsOption = IVFPQOptions.shards,
     milvus_uri: MilvusUriOption = None,
     milvus_index: MilvusIndexOption = "auto",
     device: DeviceOption = "cpu",
@@ -121,17 +122,15 @@ def _html_hint(text: str | None, queries: str | None, store: Path, model: Path |
     words = [program, "query", *([text] if queries is None else ["--queries", queries]), "--store", str(store)]
     words += ["--model", str(model)] if model else []
     words += [word for clause in where for word in ("--where", clause)]
-    words += ["--top-k", str(top_k)] if top_k != 10 else []
+    words += ["--top-k", str(top_k)] if top_k != TOP_K else []
     return " ".join(shlex.quote(word) for word in [*words, "--html", "page.html"])
 
 
-def _ivfpq(nlist: int, m: int, dim: int, rerank: int, shards: int) -> object:
-    from hsl.ann import IVFPQOptions
-
+def _ivfpq(nlist: int, m: int, dim: int, rerank: int, shards: int) -> IVFPQOptions:
     return IVFPQOptions(nlist=nlist, m=m, dim=dim, rerank=rerank, shards=shards)  # checked against the index
 
 
-def milvus_options(uri: str | None, index: str, nprobe: int = 32, ef_search: int = 128) -> object:
+def milvus_options(uri: str | None, index: str, nprobe: int = NPROBE, ef_search: int = EF_SEARCH) -> object:
     """--milvus-* options; a cluster's shards and replicas come from HSL_MILVUS_SHARDS / HSL_MILVUS_REPLICAS."""
     import os
 
@@ -165,12 +164,12 @@ def _print_table(result: object) -> None:
 @handle_errors
 def index(
     store: StoreOption = Path("catalog.h5"),
-    model: ModelOption = None,
+    model: ModelOrDefaultOption = None,
     backend: BackendOption = "auto",
-    nlist: NlistOption = 0,
-    pq_m: PqMOption = 64,
-    pca_dim: PcaDimOption = 256,
-    shards: ShardsOption = 1,
+    nlist: NlistOption = IVFPQOptions.nlist,
+    pq_m: PqMOption = IVFPQOptions.m,
+    pca_dim: PcaDimOption = IVFPQOptions.dim,
+    shards: ShardsOption = IVFPQOptions.shards,
     milvus_uri: MilvusUriOption = None,
     milvus_index: MilvusIndexOption = "auto",
     device: DeviceOption = "cpu",
@@ -183,7 +182,7 @@ def index(
 
     with progress_bar("indexing", quiet, unit="products") as progress:
         searcher = Searcher(store, model, device=device, progress=progress, backend=backend,
-                            ivfpq=_ivfpq(nlist, pq_m, pca_dim, 400, shards), precision=precision,
+                            ivfpq=_ivfpq(nlist, pq_m, pca_dim, IVFPQOptions.rerank, shards), precision=precision,
                             milvus=milvus_options(milvus_uri, milvus_index))
     payload = {"store": str(store), "model": str(searcher.model_dir), "products": len(searcher.rows),
                "backend": searcher.index.backend, "exact_inner_product": searcher.config.exact_by_inner_product,

@@ -13,19 +13,20 @@ from .options import (
     DeviceOption,
     MilvusIndexOption,
     MilvusUriOption,
+    ModelOrDefaultOption,
     PrecisionOption,
     QuietOption,
     StoreOption,
 )
 from .render import display_path, err, handle_errors, progress_bar
-from .search_commands import ModelOption, milvus_options
+from .search_commands import milvus_options
 
 
 @app.command()
 @handle_errors
 def serve(
     store: StoreOption = Path("catalog.h5"),
-    model: ModelOption = None,
+    model: ModelOrDefaultOption = None,
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port).")] = 8000,
     backend: BackendOption = "auto",

@@ -9,6 +9,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from hsl.options import ExtractOptions
+from hsl_data.sources import Columns
+
 from .app import app
 from .options import BatchOption, DeviceOption, JsonOption, PrecisionOption, QuietOption, StoreOption
 from .render import display_path, err, handle_errors, out, print_json, progress_bar
@@ -25,14 +28,14 @@ def extract(
                                                  " Default: the store's own, for an existing store.")] = None,
     grid: Annotated[int | None, typer.Option(min=1, help="Pool the region grid to N x N cells.")] = None,
     max_text_tokens: Annotated[int | None, typer.Option(min=1, help="Title tokens kept per product.")] = None,
-    id_column: Annotated[str, typer.Option(help="Manifest column with the product id.")] = "id",
-    image_column: Annotated[str, typer.Option(help="Manifest column with the image path.")] = "image",
-    text_column: Annotated[str, typer.Option(help="Manifest column with the title.")] = "text",
+    id_column: Annotated[str, typer.Option(help="Manifest column with the product id.")] = Columns.id,
+    image_column: Annotated[str, typer.Option(help="Manifest column with the image path.")] = Columns.image,
+    text_column: Annotated[str, typer.Option(help="Manifest column with the title.")] = Columns.text,
     image_template: Annotated[str | None, typer.Option(help="Build the image path, e.g. 'images/{id}.jpg'.")] = None,
-    batch_size: BatchOption = 32,
+    batch_size: BatchOption = ExtractOptions.batch_size,
     workers: Annotated[int | None, typer.Option(min=0, help="Photo-decoding processes (default: cores-1).")] = None,
-    device: DeviceOption = "auto",
-    precision: PrecisionOption = "auto",
+    device: DeviceOption = ExtractOptions.device,
+    precision: PrecisionOption = ExtractOptions.precision,
     max_pixels: Annotated[int | None, typer.Option(min=1, help="Refuse photos with more pixels.")] = None,
     max_boxes: Annotated[int | None, typer.Option(min=1, help="KDD Cup TSV: keep the N largest boxes per image "
                                                   "(default 20, as in the paper).")] = None,
@@ -50,10 +53,8 @@ def extract(
     merges them into STORE; only rank 0 prints.
     """
     from hsl.distributed import from_env
-    from hsl.extract import ExtractOptions, default_workers
     from hsl.extract import extract as run_extract
-    from hsl.images import DEFAULT_MAX_PIXELS
-    from hsl_data.sources import Columns
+    from hsl.options import DEFAULT_MAX_PIXELS, default_workers
 
     options = ExtractOptions(
         backbone=backbone, grid=grid, max_text_tokens=max_text_tokens, batch_size=batch_size,

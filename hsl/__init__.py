@@ -1,6 +1,6 @@
 """hsl: find product photos from a shopper's words with Hierarchical Similarity Learning.
 
-The public API is imported lazily so that `import hsl` (and `hsl --help`) stays fast. The functions
+The public API is imported lazily so that `import hsl` (and the CLI's help) stays fast. The functions
 that share their module's name are imported from the module: `from hsl.train import train`,
 `from hsl.evaluate import evaluate` (once a submodule is imported, `hsl.NAME` is the module).
 """

@@ -19,58 +19,16 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .atomic import write_atomic
-from .errors import HSLUsageError
+from .options import IVFPQOptions
 
 _ADD_BLOCK = 65536
 _TRAIN_MIN, _TRAIN_MAX = 65536, 262144  # quantizer training sample (k-means needs ~39+ points per centroid)
-
-
-@dataclass(frozen=True)
-class IVFPQOptions:
-    """Knobs of the `ivfpq` backend. Build-time: nlist, m, dim, shards; query-time: nprobe, rerank."""
-
-    nlist: int = 0  # inverted lists per shard; 0 = a power of two near sqrt(products per shard)
-    m: int = 64  # PQ sub-quantizers = bytes of code per product (8-bit codes)
-    dim: int = 256  # PCA output dimension before PQ; 0 = no PCA
-    # Measured (docs/scaling.md): recall@10 stopped growing past nprobe 8 on the synthetic 1M/10M
-    # sets; 32 keeps a margin for real catalogues, whose clusters are less clean. Recall is set by
-    # the re-rank pool: 0.97 at 200 and 0.987 at 400 over 10M products, for +0.6 ms.
-    nprobe: int = 32  # lists visited per query and shard
-    rerank: int = 400  # candidates per shard re-scored exactly from the float vectors on disk
-    shards: int = 1
-
-    def resolved(self, n: int, dims: int) -> IVFPQOptions:
-        """Check every knob against a store of n vectors of `dims`; fill in the automatic ones."""
-        for name, value, flag in (("m", self.m, "--pq-m"), ("nprobe", self.nprobe, "--nprobe"),
-                                  ("rerank", self.rerank, "--rerank"), ("shards", self.shards, "--shards")):
-            if not isinstance(value, int) or value < 1:
-                raise HSLUsageError(f"{flag} must be a positive integer, not {value!r} ({name})")
-        if not isinstance(self.nlist, int) or self.nlist < 0:
-            raise HSLUsageError(f"--nlist must be a positive integer (or 0 for automatic), not {self.nlist!r}")
-        if not isinstance(self.dim, int) or not 0 <= self.dim <= dims:
-            raise HSLUsageError(f"--pca-dim must be between 1 and the index dimension {dims} (or 0: no PCA), "
-                                f"not {self.dim!r}")
-        if self.shards > max(n, 1):
-            raise HSLUsageError(f"--shards {self.shards} is more than the {n} products in the index")
-        dim = self.dim or dims
-        if dim % self.m:
-            raise HSLUsageError(f"--pq-m {self.m} must divide the PCA dimension {dim} (e.g. {_divisor(dim)})")
-        per_shard = max(1, n // self.shards)
-        nlist = self.nlist or min(65536, 2 ** round(math.log2(math.sqrt(per_shard))))
-        if nlist > per_shard:
-            raise HSLUsageError(f"--nlist {nlist} is more than the {per_shard} products per shard")
-        return replace(self, nlist=nlist, dim=dim)
-
-    def tag(self) -> str:
-        """Names the build-time knobs in the shard files, so changing one never reuses a stale index."""
-        return f"ivfpq-d{self.dim}-m{self.m}-l{self.nlist}-s{self.shards}"
 
 
 def write_index(index: object, path: Path) -> None:
@@ -78,10 +36,6 @@ def write_index(index: object, path: Path) -> None:
     import faiss
 
     write_atomic(path, lambda tmp: faiss.write_index(index, str(tmp)))
-
-
-def _divisor(dim: int) -> int:
-    return next(m for m in (64, 32, 16, 8, 4, 2, 1) if dim % m == 0)
 
 
 def matvec(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
@@ -169,7 +123,8 @@ class ShardedIVFPQ:
     """Searches S IVF-PQ shard files and re-ranks their candidates exactly from `vectors` ([N,D] rows
     on disk: an h5py dataset or a numpy memmap, float32 or float16)."""
 
-    def __init__(self, vectors: Any, paths: Sequence[Path], nprobe: int = 32, rerank: int = 400,
+    def __init__(self, vectors: Any, paths: Sequence[Path], nprobe: int = IVFPQOptions.nprobe,
+                 rerank: int = IVFPQOptions.rerank,
                  mmap: bool = True, threads: int | None = None) -> None:
         import faiss
 

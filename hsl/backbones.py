@@ -124,7 +124,7 @@ class MiniLMEffNet(Backbone):
 
     # The store keeps the 4 x 4 grid every shipped config uses (region_grid 4) rather than the native
     # 7 x 7: a third of the bytes per product (data/STORE.md), and the same pooling the model did later.
-    # --grid 7 keeps the native cells for a config that wants them.
+    # A grid of 7 keeps the native cells for a config that wants them.
     store_grid = 4
 
     def __init__(self, grid: int | None = None, max_text_tokens: int = 32, text_only: bool = False) -> None:
@@ -329,7 +329,7 @@ def create_backbone(spec: str = DEFAULT_BACKBONE, grid: int | None = None,
                     max_text_tokens: int | None = None) -> Backbone:
     """The one backbone factory: ``minilm-effnet`` | ``tiny`` | ``openclip:ARCH[/TAG|/PATH]``."""
     if grid is not None and grid < 1:
-        raise HSLUsageError(f"--grid must be at least 1, got {grid}")
+        raise HSLUsageError(f"`grid` must be at least 1, got {grid}", "grid", grid)
     kwargs = {} if max_text_tokens is None else {"max_text_tokens": max_text_tokens}
     if spec == "minilm-effnet":
         return MiniLMEffNet(grid, **kwargs)

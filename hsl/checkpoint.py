@@ -48,7 +48,7 @@ class Checkpoint:
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise HSLError(f"{self.folder}: could not write the epoch {epoch} checkpoint ({exc}); free disk space "
-                           "and run again with --resume (the previous checkpoint is intact)") from None
+                           "and run again with `resume` (the previous checkpoint is intact)", "resume") from None
         for old in self.folder.glob("epoch-*"):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
@@ -59,6 +59,6 @@ class Checkpoint:
             state = json.loads((folder / "state.json").read_text())
             tensors = {p.stem: load_file(str(p)) for p in folder.glob("*.safetensors")}
         except (OSError, ValueError, json.JSONDecodeError) as exc:
-            raise HSLError(f"{self.folder}: the checkpoint cannot be read ({exc}); train again without --resume "
-                           "into a new --out") from None
+            raise HSLError(f"{self.folder}: the checkpoint cannot be read ({exc}); train again without `resume` "
+                           "into a new `out`", "resume") from None
         return tensors, state

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .contract import Produces
 from .errors import HSLUsageError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -41,6 +42,20 @@ def _check_head(where: str, embedding: str, logit_scale: Any) -> None:
     if embedding not in EMBEDDINGS:
         raise HSLUsageError(f"{where}: embedding must be one of {list(EMBEDDINGS)}, got {embedding!r}")
     _check_number(where, "logit_scale", logit_scale, positive=True)
+
+
+@dataclass(frozen=True)
+class HSLLossConfig:
+    """The "hsl" loss, the in-batch softmax over the per-level similarities (hsl/losses.py)."""
+
+    granularities: tuple[str, ...] | None = None  # the granularities it trains; None: the model's
+
+    def check(self, where: str) -> None:
+        chosen = self.granularities
+        if chosen is not None and (not chosen or len(set(chosen)) != len(chosen)
+                                   or any(g not in GRANULARITIES for g in chosen)):
+            raise HSLUsageError(f"{where}, hsl: granularities must be distinct values of {list(GRANULARITIES)}, "
+                                f"got {list(chosen)}")
 
 
 @dataclass(frozen=True)
@@ -119,6 +134,7 @@ class ModelConfig:
     logit_scale: float = 10.0
     losses: dict[str, float] = field(default_factory=lambda: {"hsl": 1.0})  # loss name -> weight
     training: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TRAINING))
+    hsl: HSLLossConfig | None = None  # settings of the "hsl" loss; None: it trains the model's granularities
     sgml: SGMLConfig | None = None  # settings of the "sgml" loss; defaults when the loss is named without them
     huse: HUSEConfig | None = None  # settings of the "huse" loss; needed when the loss is named
 
@@ -126,6 +142,10 @@ class ModelConfig:
         """Which parts (mean object vector, image vector) each level contributes to the one index vector."""
         use_objects, use_images = "object" in self.granularities, "image" in self.granularities
         return use_objects and (self.agg == "mean" or not use_images), use_images
+
+    def produces(self) -> Produces:
+        """What the model of this config computes for a batch: what its losses may ask for."""
+        return Produces(self.granularities)
 
     @property
     def exact_by_inner_product(self) -> bool:
@@ -167,7 +187,7 @@ class ModelConfig:
             object.__setattr__(self, "sgml", SGMLConfig())  # frozen: the one place a default is filled in
         if "huse" in self.losses and self.huse is None:
             raise HSLUsageError(f"{where}: loss 'huse' needs a \"huse\" block with its class_column")
-        for block in (self.sgml, self.huse):
+        for block in (self.hsl, self.sgml, self.huse):
             if block is not None:
                 block.check(where)
 
@@ -194,7 +214,7 @@ def config_from_dict(data: dict[str, Any], source: str) -> ModelConfig:
     for key in ("dropout", "logit_scale"):
         if isinstance(data.get(key), int) and not isinstance(data[key], bool):
             data[key] = float(data[key])
-    for key, block in (("sgml", SGMLConfig), ("huse", HUSEConfig)):
+    for key, block in (("hsl", HSLLossConfig), ("sgml", SGMLConfig), ("huse", HUSEConfig)):
         if data.get(key) is not None:
             data[key] = _block_from_dict(block, data[key], f"{source}: {key}")
     try:
@@ -210,6 +230,8 @@ def _block_from_dict(block: type, data: Any, where: str) -> Any:
     unknown = sorted(set(data) - known)
     if unknown:
         raise HSLUsageError(f"{where}: unknown key {unknown[0]!r}; known keys: {sorted(known)}")
+    if isinstance(data.get("granularities"), list):
+        data = {**data, "granularities": tuple(data["granularities"])}
     if "attributes" in data and not isinstance(data["attributes"], dict):
         raise HSLUsageError(f"{where}: attributes must map column names to weights, got {data['attributes']!r}")
     try:
@@ -245,7 +267,9 @@ def config_to_dict(config: ModelConfig) -> dict[str, Any]:
     data = asdict(config)
     data["level_weights"] = list(config.level_weights)
     data["granularities"] = list(config.granularities)
-    for key in ("sgml", "huse"):
+    if config.hsl is not None and config.hsl.granularities is not None:
+        data["hsl"]["granularities"] = list(config.hsl.granularities)
+    for key in ("hsl", "sgml", "huse"):
         if data[key] is None:
             del data[key]  # configs without the objective stay as they were before it existed
     return data

@@ -182,7 +182,7 @@ def load_products(store: FeatureStore, require_text: bool = False, region_grid: 
         done = int((store.column("status") == DONE).sum())
         if len(rows) == 0 and done:  # extracted, but from photos alone: nothing to learn words from
             raise HSLError(f"{store.path}: none of its {done} products has a title, and hsl train and hsl "
-                           "eval pair titles with photos; extract a manifest with a title column (--text-column) "
+                           "eval pair titles with photos; extract a manifest with a title column (`text_column`) "
                            "or photos with a sibling .txt title into a store to train on")
         if len(rows) == 0:
             raise HSLError(f"{store.path}: no extracted products; run hsl extract first")

@@ -15,7 +15,8 @@ def resolve_device(device: str) -> torch.device:
     except RuntimeError as exc:
         raise HSLUsageError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise HSLUsageError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+        raise HSLUsageError(f"device {device!r} asked for, but torch sees no CUDA GPU; use `device` cpu", "device",
+                            device)
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
         raise HSLUsageError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s) "
                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}); pick one of them")

@@ -1,14 +1,36 @@
-"""The library's own error types: the CLI prints their message on one line and exits 1 (usage: 2)."""
+"""The library's own error types: the CLI prints their message on one line and exits 1 (usage: 2).
+
+The library knows nothing of the command line or the web API, so an error says what went wrong as
+data: `parameter`, the library's name of the argument at fault ("top_k", "where", "store"), the
+`value` it was given and, when short, what is `allowed`. Its message names parameters in backticks
+(`top_k`), never as a flag; each front end words it with `worded(names)`, where `names` maps the
+library's parameter names to its own (the CLI: "top_k" -> "--top-k"; the web API: "top_k" -> "k").
+"""
 
 from __future__ import annotations
 
 import errno
 import os
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+_PARAMETER = re.compile(r"`([a-z][a-z0-9_.]*)`")  # a parameter as a message names it: `top_k`, `ivfpq.m`
 
 
 class HSLError(Exception):
     """A runtime error with a message fit for the user: what went wrong, where, and what to do."""
+
+    def __init__(self, message: str = "", parameter: str | None = None, value: Any = None,
+                 allowed: Sequence[Any] | None = None) -> None:
+        super().__init__(message)
+        self.parameter, self.value = parameter, value
+        self.allowed = list(allowed) if allowed is not None else None
+
+    def worded(self, names: Mapping[str, str]) -> str:
+        """The message with each `parameter` in a front end's words (a name it lacks: without backticks)."""
+        return _PARAMETER.sub(lambda match: names.get(match[1], match[1]), str(self))
 
 
 class HSLUsageError(HSLError):
@@ -38,7 +60,7 @@ class StoreInUseError(HSLError):
 def os_error_message(exc: OSError, what: str = "") -> str:
     """One line for a file-system refusal: the path, the cause in words and what to do, never "[Errno 2]".
 
-    `what` names the option the path came from (e.g. "--html"), when the caller knows it."""
+    `what` names the parameter the path came from (e.g. "`html`"), when the caller knows it."""
     path = exc.filename
     label = " ".join(str(p) for p in (what, os.fsdecode(path) if path is not None else None) if p)
     cause = exc.strerror or str(exc)

@@ -1,6 +1,6 @@
 """`hsl eval`: rank a gallery of products for each query and score the rankings.
 
-Queries are either each product's own title (instance retrieval: Recall@K, MRR, ...) or a JSONL
+Queries are either each product's own title (instance retrieval: Recall@K, MRR@10, ...) or a JSONL
 file of free-text queries with relevant ids (binary) or attributes (graded relevance = share of
 the named attributes a product matches).
 """
@@ -18,7 +18,7 @@ import torch
 from .dataset import Products, Split, load_products
 from .errors import HSLError, HSLUsageError, os_error_message
 from .masks import token_mask
-from .metrics import graded_ndcg_at_k, hierarchical_precision_at_k, mrr, summarize
+from .metrics import graded_ndcg_at_k, hierarchical_precision_at_k, summarize
 from .model_files import check_backbone
 from .precision import resolve_precision
 from .top_k import top_k_rows
@@ -49,7 +49,7 @@ def score_matrix(model: torch.nn.Module, gallery_blocks: list, tokens: torch.Ten
     for start in range(0, len(tokens), _BLOCK):
         text = model.encode_text(tokens[start:start + _BLOCK].to(device).float(),
                                  token_mask[start:start + _BLOCK].to(device))
-        rows.append(torch.cat([model.similarities(text, image)["total"] for image in gallery_blocks], dim=1))
+        rows.append(torch.cat([model.similarities(text, image).total for image in gallery_blocks], dim=1))
     return torch.cat(rows, dim=0).cpu()  # [Q,N]
 
 
@@ -73,7 +73,7 @@ def read_queries(path: str | os.PathLike) -> Queries:
     try:
         handle = open(path, encoding="utf-8")
     except OSError as exc:
-        raise HSLUsageError(os_error_message(exc, "--queries")) from None
+        raise HSLUsageError(os_error_message(exc, "`queries`"), "queries", os.fspath(path)) from None
     with handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -120,9 +120,10 @@ def evaluate(store_path: str | os.PathLike, model_dir: str | os.PathLike, querie
     """
     if answers_path is not None:
         if queries_path is not None:
-            raise HSLUsageError("give --queries or --answers, not both")
+            raise HSLUsageError("give `queries` or `answers`, not both", "answers", answers_path)
         if backend != "exact":
-            raise HSLUsageError("--answers ranks each query's own pool of candidates exactly; leave out --backend")
+            raise HSLUsageError("`answers` ranks each query's own pool of candidates exactly; leave out `backend`",
+                                "backend", backend, ["exact"])
         from .pools import evaluate_pools
 
         return evaluate_pools(store_path, model_dir, answers_path, device=device, precision=precision)
@@ -148,7 +149,7 @@ def evaluate(store_path: str | os.PathLike, model_dir: str | os.PathLike, querie
         else:
             ranked = rank_products(model, gallery, gallery.tokens, gallery.token_mask, torch_device, top_k=k)
         relevant = [{i} for i in gallery.ids]
-        metrics = summarize(ranked, relevant)
+        metrics = summarize(ranked, relevant, depth=k)
         query_paths = None if not hierarchy else [_path(gallery, hierarchy, i) for i in range(len(gallery))]
     else:
         queries = read_queries(queries_path)
@@ -161,7 +162,7 @@ def evaluate(store_path: str | os.PathLike, model_dir: str | os.PathLike, querie
         ranked = [[gallery.ids[j] for j in row] for row in top]
         metrics = {}
         if queries.relevant is not None:
-            metrics = {**summarize(ranked, queries.relevant), "MRR": mrr(ranked, queries.relevant)}
+            metrics = summarize(ranked, queries.relevant, depth=k)
         else:
             gains = [attribute_gains(gallery, wanted) for wanted in queries.attributes]
             ranked_gains = [[g[j] for j in row] for g, row in zip(gains, top, strict=True)]
@@ -244,8 +245,12 @@ def _huse_accuracy(model: torch.nn.Module, model_dir: str | os.PathLike, gallery
 def _path(products: Products, hierarchy: list[str], i: int) -> tuple[str, ...]:
     missing = [c for c in hierarchy if c not in products.attributes]
     if missing:
-        raise HSLUsageError(f"--hierarchy column {missing[0]!r} is not a store column")
+        raise HSLUsageError(f"`hierarchy` column {missing[0]!r} is not a store column", "hierarchy", missing[0],
+                            list(products.attributes))
     return tuple(products.attributes[c][i] for c in hierarchy)
+
+
+SPLITS = ("auto", "all", "train", "val", "test")
 
 
 def _auto_split(meta: dict) -> str:
@@ -258,10 +263,11 @@ def _split_products(products: Products, meta: dict, split: str) -> Products:
     if split == "all":
         return products
     if split not in ("train", "val", "test"):
-        raise HSLUsageError(f"--split must be auto, all, train, val or test, not {split!r}")
+        raise HSLUsageError(f"`split` must be auto, all, train, val or test, not {split!r}", "split", split,
+                            SPLITS)
     saved = meta.get("split")
     if not saved:
-        raise HSLUsageError("this model records no split; use --split all")
+        raise HSLUsageError("this model records no split; use `split` all", "split", split, ["all"])
     chosen = products.subset(Split(**saved).indices(products.ids)[split])
     if len(chosen) == 0:
         raise HSLError(f"the store holds no products of the model's {split} split")

@@ -21,11 +21,11 @@ from .extract_base import (  # noqa: F401  (the extraction API, importable from 
     ExtractReport,
     ProgressFn,
     commit_batch,
-    default_workers,
     sync_store,
     text_features,
 )
 from .kdd_extract import KddSource
+from .options import default_workers  # noqa: F401  (importable from here as before)
 from .photo_extract import PhotoSource, extract_items  # noqa: F401
 from .shards import extract_sharded
 from .store_lock import writing

@@ -12,47 +12,22 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from hsl_data.sources import Columns, Rejected, SourceItem
+from hsl_data.sources import Rejected, SourceItem
 
 from .backbones import Backbone
 from .errors import StoreMismatchError
-from .images import DEFAULT_MAX_PIXELS
+from .options import ExtractOptions
 from .precision import Precision, resolve_precision
 from .store import DONE, PENDING, FeatureStore, RowPlan
 
 ProgressFn = Callable[[int, int], None]
 Fingerprint = Callable[[SourceItem], tuple[int, int] | None]  # (size, stamp) of an item; None: it is gone
-
-
-def default_workers() -> int:
-    """One decoding process per spare core: on 2 cores, 1 worker beside the forward pass.
-
-    Under torchrun the node's cores are split between its LOCAL_WORLD_SIZE processes first."""
-    local = os.environ.get("LOCAL_WORLD_SIZE", "")
-    processes = int(local) if local.isdigit() and int(local) > 0 else 1
-    return max(1, min(4, (os.cpu_count() or 2) // processes - 1))
-
-
-@dataclass
-class ExtractOptions:
-    backbone: str | None = None  # None: the store's backbone, or the default for a new store
-    grid: int | None = None  # pool the region grid to grid x grid cells
-    max_text_tokens: int | None = None
-    batch_size: int = 32
-    workers: int = field(default_factory=default_workers)
-    device: str = "auto"
-    precision: str = "auto"  # auto: the store's own, or for a new store the fastest on the device (hsl/precision.py)
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    columns: Columns = field(default_factory=Columns)
-    limit: int | None = None  # only the first N products of the source (demos, smoke tests)
-    allow_outside: bool = False  # manifest image paths may leave the manifest's folder
-    max_boxes: int | None = None  # KDD Cup TSV: boxes kept per image, largest first (None: the store's, or 20)
 
 
 @dataclass
@@ -121,7 +96,7 @@ def check_backbone(store: FeatureStore, options: ExtractOptions) -> None:
         if value is not None and value != meta[key]:
             raise StoreMismatchError(
                 f"{store.path} holds {key} {meta[key]!r}, this run asks for {value!r}; "
-                f"extract into another --store, or drop the option to keep extending this one")
+                f"extract into another `store`, or leave out `{key}` to keep extending this one", key, value)
 
 
 def store_precision(meta: dict) -> str:

@@ -13,10 +13,11 @@ from safetensors.torch import load_file, save_file
 from .atomic import write_atomic, write_text_atomic
 from .config import ModelConfig, config_to_dict, list_configs, load_config
 from .errors import HSLError
+from .losses import check_config
 from .model import HSLModel
 from .model_files import CONFIG_FILE, WEIGHTS_FILE, model_hash, read_config
 
-__all__ = ["create_model", "list_models", "load_model", "model_hash", "save_model"]
+__all__ = ["create_model", "list_models", "load_model", "model_config", "model_hash", "save_model"]
 
 
 def list_models() -> list[str]:
@@ -24,9 +25,14 @@ def list_models() -> list[str]:
     return list_configs()
 
 
+def model_config(name_or_path: str | Path) -> ModelConfig:
+    """A config by name or JSON path, held to its contract: its losses read only what its model produces."""
+    return check_config(load_config(name_or_path))
+
+
 def create_model(name_or_path: str | Path | ModelConfig, image_dim: int, text_dim: int) -> HSLModel:
     """A randomly initialised model (seed with torch.manual_seed first for repeatable weights)."""
-    config = name_or_path if isinstance(name_or_path, ModelConfig) else load_config(name_or_path)
+    config = check_config(name_or_path) if isinstance(name_or_path, ModelConfig) else model_config(name_or_path)
     return HSLModel(config, image_dim, text_dim)
 
 
@@ -46,7 +52,8 @@ def load_model(model_dir: str | os.PathLike) -> tuple[HSLModel, dict[str, Any]]:
     """(model in eval mode on CPU, meta) from a folder written by save_model."""
     folder = Path(model_dir)
     if not folder.is_dir():
-        raise HSLError(f"model folder {folder} not found; give the --out folder of `hsl train`")
+        raise HSLError(f"model folder {folder} not found; give the `out` folder of a training run", "model",
+                       os.fspath(folder))
     config, meta = read_config(folder)
     path = folder / WEIGHTS_FILE
     if not path.is_file():

@@ -68,11 +68,14 @@ def check_destination(path: str | os.PathLike) -> None:
     """Refuse a page path that cannot be written (a missing folder, a folder itself) before any search runs."""
     path = Path(path)
     if path.is_dir():
-        raise HSLUsageError(f"--html {path}: that is a folder; give a file path such as {path / 'page.html'}")
+        raise HSLUsageError(f"`html` {path}: that is a folder; give a file path such as {path / 'page.html'}",
+                            "html", str(path))
     if path.parent.exists() and not path.parent.is_dir():
-        raise HSLUsageError(f"--html {path}: {path.parent} is a file, not a folder; give another path")
+        raise HSLUsageError(f"`html` {path}: {path.parent} is a file, not a folder; give another path", "html",
+                            str(path))
     if not path.parent.is_dir():
-        raise HSLUsageError(f"--html {path}: its folder {path.parent} does not exist; create it or give another path")
+        raise HSLUsageError(f"`html` {path}: its folder {path.parent} does not exist; create it or give another path",
+                            "html", str(path))
 
 
 def write_page(results: list[SearchResult], path: str | os.PathLike) -> Path:
@@ -80,5 +83,5 @@ def write_page(results: list[SearchResult], path: str | os.PathLike) -> Path:
     try:
         path.write_text(render_page(results), encoding="utf-8")
     except OSError as exc:
-        raise HSLError(os_error_message(exc, "--html")) from None
+        raise HSLError(os_error_message(exc, "`html`"), "html", str(path)) from None
     return path

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ModelConfig
+from .contract import Needs
 from .errors import HSLUsageError
 from .loss_batch import LossBatch, batch_labels, loss_embeddings
 
@@ -73,6 +75,12 @@ class HUSELoss(nn.Module):
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """[B,K] class scores of unit embeddings [B,D]; the same layer for images and titles."""
         return self.logit_scale * self.classifier(embeddings)
+
+    @staticmethod
+    def needs(config: ModelConfig) -> Needs:
+        settings = config.huse
+        return Needs(vectors=settings.embedding == "total", encodings=settings.embedding == "deepest",
+                     labels=(settings.class_column,), class_distances=True)
 
     def forward(self, batch: LossBatch) -> torch.Tensor:
         image, text = loss_embeddings(batch, self.embedding)  # [B,D] each

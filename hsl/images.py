@@ -12,10 +12,11 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .options import DEFAULT_MAX_PIXELS
+
 # A truncated file must be reported, not padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit
 
 
 class BadItem(Exception):

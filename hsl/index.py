@@ -19,6 +19,7 @@ import numpy as np
 from .ann import IVFPQOptions, ShardedIVFPQ, best_exact, build, matvec, read_rows, write_index
 from .errors import HSLUsageError
 from .index_cache import UsedRows, cache_rows
+from .options import EF_SEARCH, NPROBE, RERANK_POOL
 from .top_k import top_k
 
 BACKENDS = ("auto", "exact", "flat", "ivf", "hnsw", "ivfpq", "milvus")  # milvus: hsl/milvus.py, never "auto"
@@ -26,7 +27,6 @@ EXACT_LIMIT_BYTES = 1 << 30  # "auto": exact in-RAM matrix product while the flo
 # "auto": ivfpq (64 B of code per product) once ivf's 8-bit codes (1 B per dimension) would pass 4 GB,
 # about 4M products of the default 1,024 dimensions (docs/scaling.md).
 IVFPQ_FROM_BYTES = 4 << 30
-RERANK_POOL = 200  # approximate backends: candidates re-scored exactly from the float32 vectors
 
 
 class VectorSearch:
@@ -34,10 +34,11 @@ class VectorSearch:
     (faiss IVF or HNSW with 8-bit scalar-quantised codes, or sharded IVF-PQ, hsl/ann.py), whose
     candidates are re-scored exactly from the float32 vectors on disk."""
 
-    def __init__(self, path: Path, backend: str = "auto", nprobe: int = 32, ef_search: int = 128,
+    def __init__(self, path: Path, backend: str = "auto", nprobe: int = NPROBE, ef_search: int = EF_SEARCH,
                  ivfpq: IVFPQOptions | None = None) -> None:
         if backend not in BACKENDS:
-            raise HSLUsageError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+            raise HSLUsageError(f"`backend` must be one of {', '.join(BACKENDS)}, not {backend!r}", "backend", backend,
+                                BACKENDS)
         if backend == "milvus":
             raise HSLUsageError("the milvus backend is hsl.milvus.MilvusSearch (Searcher picks it), not VectorSearch")
         self.path = path

@@ -44,12 +44,14 @@ DEFAULT_TEXT = "minilm"
 
 
 def text_spec(backbone: str | None) -> str:
-    """The text side of `--backbone`: minilm (default), tiny or openclip:...; a box store's full name works too."""
+    """The text side of the `backbone` parameter: minilm (default), tiny or openclip:...; a box store's full
+    name works too."""
     spec = (backbone or DEFAULT_TEXT).removeprefix(BOXES_PREFIX)
     spec = DEFAULT_TEXT if spec == "minilm-effnet" else spec
     if spec not in (DEFAULT_TEXT, "tiny") and not spec.startswith("openclip:"):
-        raise HSLUsageError(f"--backbone {backbone!r} cannot encode KDD Cup queries; use minilm, tiny or "
-                            "openclip:ARCH/TAG (the boxes come with their own features)")
+        raise HSLUsageError(f"`backbone` {backbone!r} cannot encode KDD Cup queries; use minilm, tiny or "
+                            "openclip:ARCH/TAG (the boxes come with their own features)", "backbone", backbone,
+                            [DEFAULT_TEXT, "tiny", "openclip:ARCH/TAG"])
     return spec
 
 
@@ -66,10 +68,10 @@ class KddSource:
             raise HSLUsageError("a KDD Cup TSV is extracted by one process (it is read as a stream, without a "
                                 "backbone for images); run hsl extract without torchrun")
         if options.batch_size < 1:
-            raise HSLUsageError("--batch-size must be at least 1")
+            raise HSLUsageError("`batch_size` must be at least 1", "batch_size", options.batch_size)
         if options.grid is not None:
-            raise HSLUsageError("--grid pools a photo's feature map; a KDD Cup file has detector boxes, "
-                                "use --max-boxes")
+            raise HSLUsageError("`grid` pools a photo's feature map; a KDD Cup file has detector boxes, "
+                                "use `max_boxes`", "grid", options.grid)
 
     def extract(self, store_path: Path, options: ExtractOptions, progress: ProgressFn | None) -> ExtractReport:
         """One process brings `store_path` up to date; the caller holds the store's writer lock."""
@@ -88,11 +90,12 @@ def extract_kdd(source: str | os.PathLike, store_path: str | os.PathLike, option
     if store is not None:  # before any work: nothing read, nothing written
         if not store.meta["backbone"].startswith(BOXES_PREFIX):
             raise StoreMismatchError(f"{store.path} holds photo features ({store.meta['backbone']}); extract the "
-                                     "KDD Cup file into another --store")
+                                     "KDD Cup file into another `store`", "store", os.fspath(store_path))
         check_backbone(store, replace(options, backbone=BOXES_PREFIX + spec))
         if max_boxes != store.meta["num_regions"]:
             raise StoreMismatchError(f"{store.path} keeps {store.meta['num_regions']} boxes per image, this run "
-                                     f"asks for {max_boxes}; extract into another --store, or drop --max-boxes")
+                                     f"asks for {max_boxes}; extract into another `store`, or leave out `max_boxes`",
+                                     "max_boxes", max_boxes)
     items, stamps, rejected, dim = _list_rows(source, max_boxes, store.meta["image_dim"] if store else None,
                                               options.limit)
     if not items:

@@ -14,15 +14,16 @@ import torch.nn.functional as F
 
 from .config import EMBEDDINGS
 from .errors import HSLUsageError
-from .model import ImageEncoding, TextEncoding, masked_mean
+from .model import ImageEncoding, Similarities, TextEncoding, masked_mean
 
 
 @dataclass
 class LossBatch:
-    """What a loss may look at for one training batch of B (title, photo) pairs."""
+    """What a loss may look at for one training batch of B (title, photo) pairs. The trainer fills in
+    what the losses' `needs` ask for (hsl/contract.py); a part no loss reads stays None."""
 
-    sims: dict  # HSLModel.similarities(text, image): {"S_obj": [[B,B]...], "S_img": [...], "total": [B,B]}
     keys: torch.Tensor  # [B] int, equal for duplicates of one product
+    sims: Similarities | None = None  # HSLModel.similarities(text, image): [B,B] per level and in total
     text: TextEncoding | None = None
     image: ImageEncoding | None = None
     labels: dict[str, torch.Tensor] = field(default_factory=dict)  # column -> [B] long value index, -1 = missing

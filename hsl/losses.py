@@ -4,6 +4,8 @@ Each loss is called as `loss(batch)` with one LossBatch: `sims` is HSLModel.simi
 for a batch of matching (title, photo) pairs, so entry [i, i] of every matrix is the positive; `keys`
 [B] int is equal for products with the same title, which are false negatives for each other; the
 encodings and per-column label indices are there for the losses that need more (SGML, HUSE).
+Each loss class says what it reads (`needs(config)`, hsl/contract.py), and `check_config` holds a
+config's losses to what its model produces when the config loads.
 Losses with parameters (heads) are trained with the model and kept in its checkpoint, never in the
 model weights that search loads (hsl/objectives.py).
 """
@@ -16,14 +18,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import GRANULARITIES, ModelConfig
+from .contract import Needs
 from .errors import HSLUsageError
 from .huse import HUSELoss
 from .loss_batch import LossBatch, false_negative_mask, in_batch_cross_entropy
 from .model import index_dim
 from .sgml import SGMLLoss
-
-_SIM_NAMES = {"object": "S_obj", "image": "S_img"}
 
 
 class HSLLoss(nn.Module):
@@ -34,23 +35,30 @@ class HSLLoss(nn.Module):
     def __init__(self, level_weights: Sequence[float], granularities: Sequence[str] = ("object", "image"),
                  logit_scale: float = 10.0):
         super().__init__()
-        unknown = [g for g in granularities if g not in _SIM_NAMES]
+        unknown = [g for g in granularities if g not in GRANULARITIES]
         if unknown or not granularities:
-            raise HSLUsageError(f"HSLLoss: granularities must be among {list(_SIM_NAMES)}, got {list(granularities)}")
+            raise HSLUsageError(f"HSLLoss: granularities must be among {list(GRANULARITIES)}, "
+                                f"got {list(granularities)}")
         self.level_weights = [float(w) for w in level_weights]
         self.granularities = list(granularities)
         self.logit_scale = float(logit_scale)
 
+    @staticmethod
+    def needs(config: ModelConfig) -> Needs:
+        return Needs(granularities=hsl_granularities(config))
+
     def forward(self, batch: LossBatch) -> torch.Tensor:
-        sims, keys = batch.sims, batch.keys
+        keys = batch.keys
+        if batch.sims is None:
+            raise HSLUsageError("HSLLoss needs the batch's similarities (LossBatch.sims)")
         false_negatives = None
         loss = torch.zeros(())
         for granularity in self.granularities:
-            name = _SIM_NAMES[granularity]
-            if name not in sims or len(sims[name]) != len(self.level_weights):
-                raise HSLUsageError(f"HSLLoss needs {name} for {len(self.level_weights)} levels; the model "
-                                    f"gave {len(sims.get(name, []))} (do the loss and model configs agree?)")
-            for weight, scores in zip(self.level_weights, sims[name], strict=True):
+            levels = batch.sims.levels(granularity)
+            if len(levels) != len(self.level_weights):
+                raise HSLUsageError(f"HSLLoss needs {granularity} similarities for {len(self.level_weights)} "
+                                    f"levels; the model gave {len(levels)}")
+            for weight, scores in zip(self.level_weights, levels, strict=True):
                 if false_negatives is None:
                     if scores.shape != (len(keys), len(keys)):
                         raise HSLUsageError(f"HSLLoss needs square [B,B] scores for B={len(keys)} keys, "
@@ -74,8 +82,14 @@ def _embedding_dim(config: ModelConfig, which: str) -> int:
     return index_dim(config) if which == "total" else config.joint_dim
 
 
+def hsl_granularities(config: ModelConfig) -> tuple[str, ...]:
+    """The granularities the "hsl" loss trains: its block's, else the model's."""
+    chosen = config.hsl.granularities if config.hsl is not None else None
+    return chosen if chosen is not None else config.granularities
+
+
 def _hsl_loss(config: ModelConfig, context: LossContext) -> nn.Module:
-    return HSLLoss(config.level_weights, config.granularities, config.logit_scale)
+    return HSLLoss(config.level_weights, hsl_granularities(config), config.logit_scale)
 
 
 def _sgml_loss(config: ModelConfig, context: LossContext) -> nn.Module:
@@ -88,24 +102,52 @@ def _sgml_loss(config: ModelConfig, context: LossContext) -> nn.Module:
 
 def _huse_loss(config: ModelConfig, context: LossContext) -> nn.Module:
     settings = config.huse
-    if context.class_distances is None:
-        raise HSLUsageError(f"config {config.name!r}: the huse loss needs the class-name distances (LossContext)")
     return HUSELoss(settings.class_column, context.class_distances, _embedding_dim(config, settings.embedding),
                     settings.class_weight, settings.graph_weight, settings.gap_weight, settings.zeta,
                     settings.embedding, settings.logit_scale)
 
 
-# name -> builder from a config and the training data's context
-LOSS_BUILDERS: dict[str, Callable[[ModelConfig, LossContext], nn.Module]] = {
-    "hsl": _hsl_loss, "sgml": _sgml_loss, "huse": _huse_loss}
+@dataclass(frozen=True)
+class LossKind:
+    """One loss a config may name: its class (whose `needs(config)` says what it reads of a batch) and
+    its builder from a config and the training data's context."""
+
+    loss: type[HSLLoss] | type[SGMLLoss] | type[HUSELoss]
+    build: Callable[[ModelConfig, LossContext], nn.Module]
+
+
+LOSSES: dict[str, LossKind] = {"hsl": LossKind(HSLLoss, _hsl_loss), "sgml": LossKind(SGMLLoss, _sgml_loss),
+                               "huse": LossKind(HUSELoss, _huse_loss)}
+
+
+def check_config(config: ModelConfig) -> ModelConfig:
+    """The config itself when its model produces everything its losses read; else one HSLUsageError line
+    naming the config, the loss, what is missing and what to change."""
+    produced = config.produces()
+    for name in config.losses:
+        if name not in LOSSES:
+            raise HSLUsageError(f"config {config.name!r}: unknown loss {name!r}; known: {sorted(LOSSES)}")
+        missing = LOSSES[name].loss.needs(config).missing(produced, name)
+        if missing:
+            what, fix = missing[0]  # one line: the first thing missing says what to change
+            raise HSLUsageError(f"config {config.name!r}: loss {name!r} needs {what}, which its model "
+                                f"(granularities {list(config.granularities)}) does not produce; {fix}")
+    return config
+
+
+def losses_need(config: ModelConfig) -> Needs:
+    """Everything the config's losses read of a batch together: what training computes per batch."""
+    needs = Needs()
+    for name in check_config(config).losses:
+        needs = needs | LOSSES[name].loss.needs(config)
+    return needs
 
 
 def build_losses(config: ModelConfig, context: LossContext | None = None) -> dict[str, nn.Module]:
     """The loss modules named in config.losses (their weights stay in the config)."""
     context = context or LossContext()
-    losses = {}
-    for name in config.losses:
-        if name not in LOSS_BUILDERS:
-            raise HSLUsageError(f"config {config.name!r}: unknown loss {name!r}; known: {sorted(LOSS_BUILDERS)}")
-        losses[name] = LOSS_BUILDERS[name](config, context)
-    return losses
+    for name in check_config(config).losses:  # the data's part of the contract (the model's: check_config)
+        if LOSSES[name].loss.needs(config).class_distances and context.class_distances is None:
+            raise HSLUsageError(f"config {config.name!r}: the {name} loss needs the class-name distances "
+                                "(LossContext)")
+    return {name: LOSSES[name].build(config, context) for name in config.losses}

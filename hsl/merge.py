@@ -83,8 +83,8 @@ def _check_paths(paths: list[Path], store_path: Path) -> None:
     for path in paths:
         key = path.resolve()
         if key == store_path.resolve():
-            raise HSLUsageError(f"{path} is the --store itself: an existing store is merged into already; "
-                                "leave it out of the shards")
+            raise HSLUsageError(f"{path} is the `store` itself: an existing store is merged into already; "
+                                "leave it out of the shards", "shards", str(path))
         if key in seen:
             raise HSLUsageError(f"{path} is given twice (also as {seen[key]})")
         seen[key] = path

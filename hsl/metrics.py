@@ -20,6 +20,16 @@ import numpy as np
 Ranking = Sequence[str]
 Path = Sequence[str]  # a category path, root first: ("Apparel", "Topwear", "Tshirts")
 
+# MRR and mAP see only the ranking they are given: over top-10 lists (hsl eval on a store, training's
+# validation) they are MRR@10 and mAP@10, and are named so. Reports written before they carried the
+# depth called them "MRR" and "mAP"; `current_names` reads those.
+TOP10_OLD_NAMES = {"MRR": "MRR@10", "mAP": "mAP@10"}
+
+
+def current_names(metrics: dict[str, float]) -> dict[str, float]:
+    """A top-10 report (an old result.json or metrics.json entry) with today's names: "MRR" -> "MRR@10"."""
+    return {TOP10_OLD_NAMES.get(name, name): value for name, value in metrics.items()}
+
 
 def _check_k(k: int) -> None:
     if k < 1:
@@ -207,12 +217,15 @@ def hierarchical_precision_at_k(
 
 
 def summarize(
-    ranked: Sequence[Ranking], relevant: Sequence[Collection[str]], ks: Sequence[int] = (1, 5, 10)
+    ranked: Sequence[Ranking], relevant: Sequence[Collection[str]], ks: Sequence[int] = (1, 5, 10),
+    depth: int | None = None,
 ) -> dict[str, float]:
-    """The standard report in one call: R@k, MRR, mAP, P@k and the KDD Cup NDCG@5."""
+    """The standard report in one call: R@k, MRR, mAP, P@k and the KDD Cup NDCG@5. `depth`: the rankings
+    are cut at this many (MRR and mAP then say so: "MRR@10"); None: they are whole (a KDD Cup pool)."""
+    at = f"@{depth}" if depth is not None else ""
     out = {f"R@{k}": recall_at_k(ranked, relevant, k) for k in ks}
-    out["MRR"] = mrr(ranked, relevant)
-    out["mAP"] = mean_average_precision(ranked, relevant)
+    out[f"MRR{at}"] = mrr(ranked, relevant)
+    out[f"mAP{at}"] = mean_average_precision(ranked, relevant)
     out.update({f"P@{k}": precision_at_k(ranked, relevant, k) for k in ks})
     out["NDCG@5"] = ndcg_at_5_kdd(ranked, relevant)
     return out

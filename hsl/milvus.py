@@ -3,7 +3,7 @@ standalone server or distributed cluster (`http://HOST:19530`), with the same co
 
 One collection per (store, model): the product id is the primary key, `vector` the HSL index vector
 (inner product), `digest` a content hash of (id, vector, attributes), and one VARCHAR field per attribute
-column of the store, so `--where` filters run inside the engine. Store rows are not kept: a store rebuilt
+column of the store, so `where` filters run inside the engine. Store rows are not kept: a store rebuilt
 with products removed at the front shifts every row, and that must not re-send every product.
 
 The collection follows the index cache (hsl/index.py). `MilvusSearch.sync` compares the digests the
@@ -18,7 +18,7 @@ Search asks the engine for a pool of candidates (filtered in the engine), then r
 from the float32 vectors of the index file, as the faiss backends do: the ranking equals the exact one
 whenever the pool holds the exact top k (always, with the exhaustive `FLAT` index).
 
-pymilvus is imported here only, and lazily: `hsl --help` and the faiss backends never load it.
+pymilvus is imported here only, and lazily: the CLI's help and the faiss backends never load it.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ import numpy as np
 from .ann import best_exact, read_rows
 from .errors import HSLError, HSLUsageError
 from .index_cache import UsedRows, cache_rows
+from .options import EF_SEARCH, NPROBE, RERANK_POOL
 
 INDEX_TYPES = ("auto", "HNSW", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "DISKANN", "FLAT")
-RERANK_POOL = 200  # candidates asked of the engine and re-scored exactly, as for faiss's ivf/hnsw
 STATE_COLLECTION = "hsl_sync_state"
 LITE_FILE = "milvus.db"  # the default Milvus Lite database, beside the index cache
 # Products per upsert: at most 1,000 and ~4 MB of vectors (far inside gRPC's 64 MB message limit). Each batch
@@ -69,8 +69,8 @@ class MilvusOptions:
 
     uri: str | None = None
     index: str = "auto"  # auto = HNSW (M 16, efConstruction 200); FLAT = exhaustive
-    nprobe: int = 32  # IVF_*: lists visited per query
-    ef_search: int = 128  # HNSW: candidate list (at least the re-rank pool)
+    nprobe: int = NPROBE  # IVF_*: lists visited per query
+    ef_search: int = EF_SEARCH  # HNSW: candidate list (at least the re-rank pool)
     connect_timeout: float = 10.0
     shards: int = 1  # a new collection's shards (write channels); a cluster's query nodes split segments anyway
     replicas: int = 1  # copies loaded on a cluster's query nodes: query throughput and failover
@@ -78,10 +78,11 @@ class MilvusOptions:
     def checked(self) -> MilvusOptions:
         index = self.index.upper() if self.index.lower() != "auto" else "auto"
         if index not in INDEX_TYPES:
-            raise HSLUsageError(f"--milvus-index must be one of {', '.join(INDEX_TYPES)}, not {self.index!r}")
+            raise HSLUsageError(f"`milvus.index` must be one of {', '.join(INDEX_TYPES)}, not {self.index!r}",
+                                "milvus.index", self.index, INDEX_TYPES)
         if self.uri is not None and not is_remote(self.uri) and not self.uri.endswith(".db"):
-            raise HSLUsageError(f"--milvus-uri {self.uri}: give http://HOST:19530 for a Milvus server, or a local "
-                                "path ending in .db for Milvus Lite (e.g. catalog-milvus.db)")
+            raise HSLUsageError(f"`milvus.uri` {self.uri}: give http://HOST:19530 for a Milvus server, or a local "
+                                "path ending in .db for Milvus Lite (e.g. catalog-milvus.db)", "milvus.uri", self.uri)
         for name, value in (("HSL_MILVUS_SHARDS", self.shards), ("HSL_MILVUS_REPLICAS", self.replicas)):
             if not isinstance(value, int) or value < 1:
                 raise HSLUsageError(f"{name} must be a positive integer, not {value!r}")
@@ -133,7 +134,8 @@ def filter_expression(where: dict[str, list[str]], fields: dict[str, str]) -> st
     clauses = []
     for column, values in where.items():
         if column not in fields:
-            raise HSLUsageError(f"--where {column}: no such attribute column; the store has {', '.join(fields)}")
+            raise HSLUsageError(f"`where` {column}: no such attribute column; the store has {', '.join(fields)}",
+                                "where", column, list(fields))
         clauses.append(f"{fields[column]} in [{', '.join(quote(v) for v in values)}]")
     return " and ".join(clauses)
 
@@ -216,13 +218,13 @@ def _unavailable(uri: str, exc: Exception) -> MilvusUnavailableError:
         if _lite_in_use(uri):
             return MilvusUnavailableError(
                 f"Milvus Lite database {uri} is in use by another process (Milvus Lite opens a .db in one process "
-                "at a time); stop that process (an hsl serve?), or run Milvus standalone and give --milvus-uri "
-                "http://HOST:19530")
+                "at a time); stop that process (an hsl serve?), or run Milvus standalone and give `milvus.uri` "
+                "http://HOST:19530", "milvus.uri", uri)
         return MilvusUnavailableError(f"Milvus Lite could not open {uri} ({_message(exc)}); check the path, or "
                                       "delete the folder to start an empty database")
     return MilvusUnavailableError(
         f"cannot reach Milvus at {uri} ({_message(exc)}); start it (docker compose up -d, docs/scaling.md) or give "
-        "another --milvus-uri (HSL_MILVUS_URI)")
+        "another `milvus.uri` (HSL_MILVUS_URI)", "milvus.uri", uri)
 
 
 def _message(exc: Exception) -> str:
@@ -248,7 +250,7 @@ class MilvusSearch:
     VectorSearch (rows, backend, exact, search, close). Candidates are re-scored exactly from the file."""
 
     backend = "milvus"
-    filters_in_engine = True  # Searcher passes --where as attribute values, not only as a mask
+    filters_in_engine = True  # Searcher passes `where` as attribute values, not only as a mask
 
     def __init__(self, path: Path, store_path: str | os.PathLike, model_key: str,
                  options: MilvusOptions | None = None,

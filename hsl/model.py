@@ -9,13 +9,16 @@ over the configured granularities. Masks are bool with True = valid (a real regi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from .config import GRANULARITIES, ModelConfig
+from .errors import HSLUsageError
 from .precision import Precision
 
 
@@ -38,6 +41,37 @@ class TextEncoding:
 
     def select(self, index: torch.Tensor) -> TextEncoding:
         return TextEncoding([q[index] for q in self.object_queries], [q[index] for q in self.image_queries])
+
+
+@dataclass(frozen=True)
+class Similarities:
+    """Scores of Bt texts against Bi images: one [Bt,Bi] matrix per level for each granularity the
+    model has (None for one it lacks), and their level-weighted total, which search ranks by."""
+
+    objects: list[torch.Tensor] | None  # S_obj^l per level
+    images: list[torch.Tensor] | None  # S_img^l per level
+    total: torch.Tensor  # [Bt,Bi] sum_l w_l (S_obj^l + S_img^l) over the present granularities
+
+    @classmethod
+    def weighted(cls, level_weights: Sequence[float], objects: list[torch.Tensor] | None = None,
+                 images: list[torch.Tensor] | None = None) -> Similarities:
+        """The levels with their total; the terms are added in level order, objects before images."""
+        total: Any = 0.0
+        for level, weight in enumerate(level_weights):
+            for part in (objects, images):
+                if part is not None:
+                    total = total + weight * part[level]  # [Bt,Bi]
+        return cls(objects, images, total)
+
+    def levels(self, granularity: str) -> list[torch.Tensor]:
+        """The per-level matrices of one granularity ("object" or "image")."""
+        if granularity not in GRANULARITIES:
+            raise HSLUsageError(f"granularity must be one of {list(GRANULARITIES)}, got {granularity!r}")
+        part = self.objects if granularity == "object" else self.images
+        if part is None:
+            raise HSLUsageError(f"these similarities have no {granularity} granularity: the model was "
+                                f"configured without it")
+        return part
 
 
 class AttentionPool(nn.Module):
@@ -176,24 +210,18 @@ class HSLModel(nn.Module):
         # mean of the best min(k, valid regions), as the official top-k; 0 for an image with no regions
         return best.masked_fill(best.isinf(), 0.0).sum(dim=-1) / count.clamp(min=1, max=k)  # [Bt,Bi]
 
-    def similarities(self, text: TextEncoding, image: ImageEncoding) -> dict:
-        """{"S_obj": [per level [Bt,Bi]], "S_img": [...], "total": [Bt,Bi]}; only configured granularities."""
-        sims: dict = {}
+    def similarities(self, text: TextEncoding, image: ImageEncoding) -> Similarities:
+        """The per-level scores of every text against every image, of the configured granularities."""
+        objects = images = None
         if self.use_objects:
             pairs = zip(text.object_queries, image.objects, strict=True)
-            sims["S_obj"] = [self.object_scores(q, o, image.mask) for q, o in pairs]  # [Bt,Bi] each
+            objects = [self.object_scores(q, o, image.mask) for q, o in pairs]  # [Bt,Bi] each
         if self.use_images:
-            sims["S_img"] = [q @ v.T for q, v in zip(text.image_queries, image.images, strict=True)]  # [Bt,Bi] each
-        total = 0.0
-        for level, weight in enumerate(self.config.level_weights):
-            for name in ("S_obj", "S_img"):
-                if name in sims:
-                    total = total + weight * sims[name][level]  # [Bt,Bi]
-        sims["total"] = total
-        return sims
+            images = [q @ v.T for q, v in zip(text.image_queries, image.images, strict=True)]  # [Bt,Bi] each
+        return Similarities.weighted(self.config.level_weights, objects, images)
 
     # Retrieval is one inner product (docs/design.md §2). With agg = mean, S_obj^l = <q1^l, mean_k o_k^l>, so
-    # query_vectors(t) @ index_vectors(i).T == similarities(t, i)["total"] exactly. With agg = max | topk
+    # query_vectors(t) @ index_vectors(i).T == similarities(t, i).total exactly. With agg = max | topk
     # the object term is not an inner product: the vectors then hold the image-granularity part only
     # (object-only configs: the mean object vectors), good for gathering candidates that are then
     # re-ranked with `similarities`. `exact_by_inner_product` tells which case holds.

@@ -24,11 +24,12 @@ WEIGHTS_FILE = "model.safetensors"
 def read_config(model_dir: Path) -> tuple[ModelConfig, dict[str, Any]]:
     """(config, meta) of a folder written by save_model, read without loading the weights."""
     if not model_dir.is_dir():
-        raise HSLError(f"model folder {model_dir} not found; give the --out folder of `hsl train`")
+        raise HSLError(f"model folder {model_dir} not found; give the `out` folder of a training run", "model",
+                       str(model_dir))
     path = model_dir / CONFIG_FILE
     if not path.is_file():
         raise HSLError(f"{path} not found: a model folder holds {CONFIG_FILE} and {WEIGHTS_FILE} "
-                       "as written by `hsl train --out DIR`")
+                       "as a training run writes them into its `out` folder", "model", str(model_dir))
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -66,4 +67,5 @@ def check_backbone(store: FeatureStore, meta: dict, model_dir: str) -> None:
         if key in meta and meta[key] != store.meta[key]:
             raise StoreMismatchError(
                 f"model {model_dir} was trained on {key} {meta[key]!r}, store {store.path} has "
-                f"{store.meta[key]!r}; extract with --backbone {meta.get('backbone')} or train on this store")
+                f"{store.meta[key]!r}; extract with `backbone` {meta.get('backbone')} or train on this store",
+                "model", model_dir)

@@ -132,7 +132,7 @@ def classification_accuracy(model: nn.Module, huse: HUSELoss, products: Products
         index = torch.arange(start, min(start + block, len(products)))
         text = model.encode_text(*products.text_batch(index, device))
         image = model.encode_image(*products.image_batch(index, device))
-        batch = LossBatch({}, index, text, image, index_vectors=model.index_vectors(image),
+        batch = LossBatch(index, text=text, image=image, index_vectors=model.index_vectors(image),
                           query_vectors=model.query_vectors(text))
         image_emb, text_emb = loss_embeddings(batch, huse.embedding)  # [B,D] each
         wanted, keep = labels[index].to(device), known[index].to(device)

@@ -51,7 +51,8 @@ class PhotoSource:
 
     def check(self, options: ExtractOptions, me: Rank) -> None:
         if options.batch_size < 1 or options.workers < 0:
-            raise HSLUsageError("--batch-size must be at least 1 and --workers at least 0")
+            raise HSLUsageError("`batch_size` must be at least 1 and `workers` at least 0",
+                                "batch_size" if options.batch_size < 1 else "workers")
 
     def listing(self, options: ExtractOptions) -> SourceListing:
         """The source's items (the first `options.limit` of them), rejected rows and attribute columns."""

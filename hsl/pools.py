@@ -49,7 +49,7 @@ def rank_pools(model: torch.nn.Module, products: Products, device: torch.device)
         heads = torch.tensor([int(r[0]) for _, r in block])  # [P] each pool's query: its first row's text
         image = model.encode_image(*products.image_batch(rows, device))
         text = model.encode_text(*products.text_batch(heads, device))
-        scores = model.similarities(text, image)["total"].cpu()  # [P,M]
+        scores = model.similarities(text, image).total.cpu()  # [P,M]
         offset = 0
         for j, (query_id, pool) in enumerate(block):
             own = scores[j, offset:offset + len(pool)]  # [n] this query against its own candidates only

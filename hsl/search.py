@@ -23,6 +23,7 @@ from .errors import HSLError, HSLUsageError, StoreMismatchError
 from .index import VectorSearch
 from .index_cache import refresh_index
 from .model_files import check_backbone, model_hash, read_config
+from .options import EF_SEARCH, NPROBE, RERANK_POOL, TOP_K
 from .precision import resolve_precision
 from .store import FeatureStore
 
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
 MAX_QUERY_CHARS = 1000  # far past any title; longer input is truncated with a warning
-RERANK_CANDIDATES = 200  # AGG = max | topk: exact re-ranking of this many inner-product candidates
 
 
 @dataclass
@@ -60,7 +60,7 @@ def parse_where(clauses: list[str]) -> dict[str, str]:
     for clause in clauses:
         key, sep, value = clause.partition("=")
         if not sep or not key.strip():
-            raise HSLUsageError(f"--where {clause!r}: write it as COLUMN=VALUE, e.g. gender=Women")
+            raise HSLUsageError(f"`where` {clause!r}: write it as COLUMN=VALUE, e.g. gender=Women", "where", clause)
         where[key.strip()] = value.strip()
     return where
 
@@ -75,23 +75,25 @@ class AttributeFilter:
         self.values = attributes  # {column: [N] object array of strings}
         self._folded: dict[str, np.ndarray] = {}
 
-    def mask(self, where: dict[str, str], label: str = "--where ") -> np.ndarray:
-        """[N] bool of the products matching every clause; `label` names the option in errors."""
+    def mask(self, where: dict[str, str]) -> np.ndarray:
+        """[N] bool of the products matching every clause."""
         count = len(next(iter(self.values.values()))) if self.values else 0
         keep = np.ones(count, dtype=bool)
         for column, value in where.items():
+            clause = f"{column}={value}"
             if not self.values:
-                raise HSLUsageError(f"{label}{column}={value}: the store has no attribute columns (they come from "
-                                    "a manifest's columns besides id, image and title); search without it")
+                raise HSLUsageError(f"`where` {clause}: the store has no attribute columns (they come from "
+                                    "a manifest's columns besides id, image and title); search without it",
+                                    "where", clause, [])
             if column not in self.values:
-                raise HSLUsageError(f"{label}{column}={value}: no such attribute column; the store has "
-                                    f"{', '.join(self.values)}")
+                raise HSLUsageError(f"`where` {clause}: no such attribute column; the store has "
+                                    f"{', '.join(self.values)}", "where", clause, list(self.values))
             if column not in self._folded:
                 self._folded[column] = np.array([v.casefold() for v in self.values[column]], dtype=object)
             match = self._folded[column] == value.casefold()
             if not match.any():
-                raise HSLUsageError(f"{label}{column}={value}: no product has it{self._suggest(column, value)}; "
-                                    f"{column} has {self.listing(column)}")
+                raise HSLUsageError(f"`where` {clause}: no product has it{self._suggest(column, value)}; "
+                                    f"{column} has {self.listing(column)}", "where", clause)
             keep &= match
         return keep
 
@@ -124,7 +126,7 @@ def clean_query(text: str) -> tuple[str, list[str]]:
     """Strip control characters and whitespace; refuse an empty query; truncate a huge one."""
     cleaned = " ".join("".join(c if c.isprintable() else " " for c in text).split())
     if not cleaned:
-        raise HSLUsageError("the query is empty; give some words, e.g. hsl query \"red summer dress\"")
+        raise HSLUsageError("`query` is empty: give some words, e.g. red summer dress", "query", text)
     if len(cleaned) > MAX_QUERY_CHARS:
         return cleaned[:MAX_QUERY_CHARS], [f"query truncated from {len(cleaned)} to {MAX_QUERY_CHARS} characters"]
     return cleaned, []
@@ -152,7 +154,7 @@ class Searcher:
 
     def __init__(self, store_path: str | os.PathLike, model_dir: str | os.PathLike | None = None,
                  device: str = "cpu", progress: Callable[[int, int], None] | None = None,
-                 backend: str = "auto", nprobe: int = 32, ef_search: int = 128,
+                 backend: str = "auto", nprobe: int = NPROBE, ef_search: int = EF_SEARCH,
                  ivfpq: IVFPQOptions | None = None, precision: str = "auto", keep_strings: bool = False,
                  milvus: MilvusOptions | None = None) -> None:
         self.store_path = Path(store_path)
@@ -207,12 +209,13 @@ class Searcher:
 
         config = self.model_dir / "config.json"
         if not config.is_file():
-            raise HSLError(f"no default model is installed at {self.model_dir}; give --model DIR from hsl train")
+            raise HSLError(f"no default model is installed at {self.model_dir}; give the `model` folder of a "
+                           "training run", "model")
         backbone = json.loads(config.read_text())["meta"]["backbone"]
         if backbone != self.store_meta["backbone"]:
             raise StoreMismatchError(
                 f"the default model is for backbone {backbone!r}, store {self.store_path} was extracted with "
-                f"{self.store_meta['backbone']!r}; train a model on it with hsl train and pass --model DIR")
+                f"{self.store_meta['backbone']!r}; train a model on it and give its folder as `model`", "model")
 
     def query_vector(self, text: str) -> tuple[np.ndarray, TextEncoding | None]:
         """(the query's index-space vector [D_idx] float32, its torch encoding when it was made with torch)."""
@@ -249,16 +252,16 @@ class Searcher:
         return self._attributes.mask(where)
 
     def engine_filter(self, where: dict[str, str] | None) -> dict:
-        """Keyword arguments that hand --where to an index that filters inside its engine (Milvus), else {}."""
+        """Keyword arguments that hand `where` to an index that filters inside its engine (Milvus), else {}."""
         if not where or not getattr(self.index, "filters_in_engine", False):
             return {}
         if self._attributes is None:
             self._attribute_mask(where)  # reads the attribute columns once
         return {"where": self._attributes.stored_values(where)}
 
-    def search(self, query: str, top_k: int = 10, where: dict[str, str] | None = None) -> SearchResult:
+    def search(self, query: str, top_k: int = TOP_K, where: dict[str, str] | None = None) -> SearchResult:
         if top_k < 1:
-            raise HSLUsageError(f"--top-k must be at least 1, got {top_k}")
+            raise HSLUsageError(f"`top_k` must be at least 1, got {top_k}", "top_k", top_k)
         text, warnings = clean_query(query)
         q, text_enc = self.query_vector(text)
         allowed = self._attribute_mask(where) if where else None
@@ -273,7 +276,7 @@ class Searcher:
         if query_vector is None:
             query_vector = self.model.query_vectors(text_enc)[0].detach().cpu().numpy()  # [D]
         exact = self.config.exact_by_inner_product  # else: inner products only gather candidates
-        positions, scores = self.index.search(query_vector, top_k if exact else max(top_k, RERANK_CANDIDATES),
+        positions, scores = self.index.search(query_vector, top_k if exact else max(top_k, RERANK_POOL),
                                               allowed, **(engine_filter or {}))
         if not exact and len(positions):
             scores = self._exact_scores(text_enc, positions)
@@ -293,7 +296,7 @@ class Searcher:
         exact = np.empty(len(rows), dtype=np.float32)
         with torch.no_grad():
             image = self.model.encode_image(*products.image_batch(torch.arange(len(products)), self.device))
-            exact[order] = self.model.similarities(text_enc, image)["total"][0].cpu().numpy()
+            exact[order] = self.model.similarities(text_enc, image).total[0].cpu().numpy()
         return exact
 
     def close(self) -> None:

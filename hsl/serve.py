@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .errors import HSLError, HSLUsageError
+from .options import TOP_K
 from .search import Hit, Searcher, SearchResult, clean_query
 
 if TYPE_CHECKING:
@@ -113,21 +114,18 @@ class Catalog:
 
     def _allowed(self, where: dict[str, str] | None) -> np.ndarray | None:
         """[N] bool of the products matching every COLUMN=VALUE, or None for no filter."""
-        return self._filter.mask(where, label="where=") if where else None
+        return self._filter.mask(where) if where else None
 
     # -- searches ---------------------------------------------------------------------------------
-    def search(self, query: str, top_k: int = 10, where: dict[str, str] | None = None) -> SearchResult:
-        """Text-to-image HSL search (the Searcher's scores), with the API's own wording for bad input."""
+    def search(self, query: str, top_k: int = TOP_K, where: dict[str, str] | None = None) -> SearchResult:
+        """Text-to-image HSL search (the Searcher's scores)."""
         _check_top_k(top_k)
-        try:
-            clean_query(query)
-        except HSLUsageError:
-            raise HSLUsageError("q is empty: give some words, e.g. /search?q=red+summer+dress") from None
-        self._allowed(where)  # unknown columns get this module's message, not the CLI's
+        clean_query(query)  # an empty query is refused before it waits for a slot
+        self._allowed(where)  # so is an unknown column or value
         with self._slots:
             return self.searcher.search(query, top_k=top_k, where=where)
 
-    def similar(self, product_id: str, top_k: int = 10, where: dict[str, str] | None = None) -> SearchResult:
+    def similar(self, product_id: str, top_k: int = TOP_K, where: dict[str, str] | None = None) -> SearchResult:
         """Products whose stored index vectors best match this product's (score: see the module docstring)."""
         _check_top_k(top_k)
         position = self._find(product_id)
@@ -152,7 +150,7 @@ class Catalog:
 
 def _check_top_k(top_k: int) -> None:
     if not 1 <= top_k <= MAX_TOP_K:
-        raise HSLUsageError(f"k must be between 1 and {MAX_TOP_K}, got {top_k}")
+        raise HSLUsageError(f"`top_k` must be between 1 and {MAX_TOP_K}, got {top_k}", "top_k", top_k)
 
 
 def _filters(attributes: dict[str, list[str]]) -> dict[str, list[tuple[str, int]]]:
@@ -172,15 +170,15 @@ def bind(host: str, port: int) -> socket.socket:
                                                              flags=socket.AI_PASSIVE)[0]
         sock = socket.socket(family, kind, proto)
     except (OSError, UnicodeError) as exc:
-        raise HSLUsageError(f"--host {host!r}: not an address to listen on ({exc})") from None
+        raise HSLUsageError(f"`host` {host!r}: not an address to listen on ({exc})", "host", host) from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart may reuse the port at once
         sock.bind(address)
         sock.listen(2048)  # listening now: a client that connects once `ready` prints the address is not refused
     except OSError as exc:
         sock.close()
-        raise HSLError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port "
-                       f"(--port 0 picks a free one)") from None
+        raise HSLError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another `port` "
+                       f"(`port` 0 picks a free one)", "port", port) from None
     return sock
 
 

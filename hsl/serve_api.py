@@ -3,7 +3,9 @@
 Searches are plain `def` endpoints, which FastAPI runs in its thread pool: the event loop stays
 free for other requests while torch works. Library errors become JSON with a `detail` message:
 an unknown product 404, other bad input 400 (FastAPI's own validation: 422), and nothing ever
-answers with a traceback. `serve_catalog` runs the app on a socket that hsl/serve.py binds.
+answers with a traceback. A 400 also says what was wrong as data: `parameter` (in the API's own
+names: `k`, `q`, `where`), `value` and, when short, `allowed`. `serve_catalog` runs the app on a
+socket that hsl/serve.py binds.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import logging
 import mimetypes
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, Path, Query, Request
@@ -74,6 +76,22 @@ class HealthOut(BaseModel):
 
 class ErrorOut(BaseModel):
     detail: str
+    parameter: str | None = Field(None, description="the query parameter at fault (a 400 only)")
+    value: Any = None
+    allowed: list[Any] | None = None
+
+
+# The library names the parameter at fault (hsl/errors.py); the API words it with its own query parameters.
+API_NAMES = {"top_k": "k", "query": "q", "where": "where"}
+
+
+def _error(exc: HSLError, status_code: int) -> JSONResponse:
+    """{"detail": the message in the API's words, plus parameter, value and allowed when the error names one}."""
+    body: dict[str, Any] = {"detail": exc.worded(API_NAMES)}
+    if exc.parameter is not None and status_code == 400:
+        value = exc.value if isinstance(exc.value, str | int | float | bool | None) else str(exc.value)
+        body.update(parameter=API_NAMES.get(exc.parameter, exc.parameter), value=value, allowed=exc.allowed)
+    return JSONResponse(body, status_code=status_code)
 
 
 def _image_url(product_id: str) -> str:
@@ -84,14 +102,6 @@ def _results(result: SearchResult) -> ResultsOut:
     hits = [HitOut(rank=h.rank, id=h.id, score=h.score, text=h.text, attributes=h.attributes,
                    image_url=_image_url(h.id)) for h in result.hits]
     return ResultsOut(query=result.query, results=hits, warnings=result.warnings)
-
-
-def _where(clauses: list[str] | None) -> dict[str, str]:
-    try:
-        return parse_where(clauses or [])
-    except HSLUsageError:
-        bad = next(c for c in clauses or [] if "=" not in c or not c.partition("=")[0].strip())
-        raise HSLUsageError(f"where={bad!r}: write it as COLUMN=VALUE, e.g. where=gender=Women") from None
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -116,11 +126,11 @@ def create_app(catalog: Catalog) -> FastAPI:
 
     @app.exception_handler(UnknownProductError)
     async def not_found(request: Request, exc: UnknownProductError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=404)
+        return _error(exc, 404)
 
     @app.exception_handler(HSLUsageError)
     async def bad_request(request: Request, exc: HSLUsageError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+        return _error(exc, 400)
 
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -130,7 +140,7 @@ def create_app(catalog: Catalog) -> FastAPI:
     @app.exception_handler(HSLError)
     async def failed(request: Request, exc: HSLError) -> JSONResponse:
         log.error("%s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse({"detail": str(exc)}, status_code=500)
+        return _error(exc, 500)
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception) -> JSONResponse:  # logged with its traceback by uvicorn
@@ -156,13 +166,13 @@ def create_app(catalog: Catalog) -> FastAPI:
     def search(q: Annotated[str, Query(max_length=10_000, description="What the shopper types (empty: 400).")],
                k: TopK = 10, where: Where = None) -> ResultsOut:
         """Rank the catalog's products for the words `q` with the HSL model (score: the HSL similarity)."""
-        return _results(catalog.search(q, top_k=k, where=_where(where)))
+        return _results(catalog.search(q, top_k=k, where=parse_where(where or [])))
 
     # Registered before /products/{id}: a `path` id would otherwise swallow the "/similar".
     @app.get("/products/{product_id:path}/similar", response_model=ResultsOut, responses=ERRORS,
              description=f"More like this product: image-to-image search. Score: {SIMILAR_SCORE}.")
     def similar(product_id: ProductId, k: TopK = 10, where: Where = None) -> ResultsOut:
-        return _results(catalog.similar(product_id, top_k=k, where=_where(where)))
+        return _results(catalog.similar(product_id, top_k=k, where=parse_where(where or [])))
 
     @app.get("/products/{product_id:path}", response_model=ProductOut, responses=ERRORS)
     async def product(product_id: ProductId) -> ProductOut:

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ModelConfig
+from .contract import Needs
 from .errors import HSLUsageError
 from .loss_batch import LossBatch, batch_labels, loss_embeddings
 
@@ -89,6 +91,12 @@ class SGMLLoss(nn.Module):
         valid = known.repeat_interleave(sizes, dim=1).float()  # [B,V]: entries of a missing column do not count
         bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")  # [B,V]
         return (bce * valid).sum() / known.sum().clamp(min=1)
+
+    @staticmethod
+    def needs(config: ModelConfig) -> Needs:
+        settings = config.sgml  # no attributes named: every column of the store, known once it is read
+        return Needs(vectors=settings.embedding == "total", encodings=settings.embedding == "deepest",
+                     labels=tuple(settings.attributes))
 
     def forward(self, batch: LossBatch) -> torch.Tensor:
         image, text = loss_embeddings(batch, self.embedding)  # [B,D] each

@@ -121,7 +121,8 @@ class FeatureStore:
     def open(cls, path: str | os.PathLike, writable: bool = False) -> FeatureStore:
         path = Path(path)
         if not path.is_file():
-            raise HSLError(f"{path}: no such store; create it with `hsl extract SOURCE --store {path}`")
+            raise HSLError(f"{path}: no such store; create it with hsl extract SOURCE and `store` {path}", "store",
+                           str(path))
         try:
             # No HDF5 file lock: a query may read while `hsl extract` writes in place, and what it reads is
             # consistent by construction (a row counts once its status says DONE); writers exclude each
@@ -149,7 +150,7 @@ class FeatureStore:
         except (OSError, RuntimeError) as exc:  # the disk filled up meanwhile, quota, ...: the old store stays
             tmp.unlink(missing_ok=True)
             raise HSLError(f"{path}: could not write {tmp.name} ({_short(exc)}); free disk space or pick another "
-                           f"--store ({kept})") from None
+                           f"`store` ({kept})", "store", str(path)) from None
         for copy in copies:
             copy.source.close()
         os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
@@ -375,7 +376,7 @@ def ensure_space(tmp: Path, size: int, kept: str) -> None:
             os.close(fd)
     except OSError as exc:
         raise HSLError(f"{tmp.parent}: not enough room for the store ({size / 1e6:,.1f} MB needed: "
-                       f"{exc.strerror}); free disk space or pick another --store ({kept})") from None
+                       f"{exc.strerror}); free disk space or pick another `store` ({kept})", "store") from None
     finally:
         probe.unlink(missing_ok=True)
 
@@ -442,7 +443,7 @@ def _open_error(path: Path, exc: OSError) -> HSLError:
         return StoreInUseError(path, None)
     if "file signature not found" in text:
         return HSLError(f"{path}: not an HDF5 file (no HDF5 signature), so not an hsl store, or one damaged "
-                        "from its first bytes; give another --store")
+                        "from its first bytes; give another `store`", "store", str(path))
     return _damaged(path, _short(exc))
 
 
@@ -463,12 +464,13 @@ def _read_meta(path: Path, handle: h5py.File) -> dict:
     version = attrs.get("schema_version")
     if version is None or "ids" not in present:
         handle.close()
-        raise HSLError(f"{path}: an HDF5 file but not an hsl store (no schema_version); give another --store")
+        raise HSLError(f"{path}: an HDF5 file but not an hsl store (no schema_version); give another `store`",
+                       "store", str(path))
     if int(version) not in READABLE_SCHEMAS:
         handle.close()
         raise HSLError(f"{path}: written by a newer version of hsl (store schema {version}; this hsl reads "
                        f"{', '.join(map(str, READABLE_SCHEMAS))}); upgrade hsl (pip install -U hsl-retrieval), "
-                       "or extract into a new --store")
+                       "or extract into a new `store`", "store", str(path))
     if len(present) != len(required):
         handle.close()
         missing = sorted(set(required) - set(present))

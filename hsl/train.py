@@ -3,7 +3,7 @@
 Deterministic for a fixed seed on CPU, for one precision (hsl/precision.py; `auto` resolves the same
 way on the same machine): the split comes from hashed ids, each epoch's shuffle and
 dropout from (seed, epoch). After every epoch the full training state goes to `DIR/checkpoint/`
-atomically, so `--resume` after a kill continues from the last finished epoch and ends with the
+atomically, so resuming after a kill continues from the last finished epoch and ends with the
 same weights as an uninterrupted run.
 
 Under `torchrun` (hsl/distributed.py) the towers run in DistributedDataParallel: every rank draws
@@ -18,7 +18,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,36 +29,21 @@ from torch.nn.parallel import DistributedDataParallel
 from . import __version__, distributed
 from .atomic import write_text_atomic
 from .checkpoint import Checkpoint
-from .config import load_config
 from .dataset import Products, Split, feature_bytes, load_products
 from .errors import HSLError, HSLUsageError
 from .evaluate import rank_products
-from .factory import create_model, save_model
-from .losses import LossBatch, build_losses
-from .metrics import mrr, recall_at_k
+from .factory import create_model, model_config, save_model
+from .loss_batch import LossBatch
+from .losses import build_losses, losses_need
+from .metrics import current_names, mrr, recall_at_k
 from .model import ImageEncoding, TextEncoding
 from .objectives import build_context, encode_labels, head_parameters, heads_state, load_heads_state, save_heads
+from .options import TrainOptions
 from .precision import resolve_precision
 from .store import FeatureStore
 
 EpochFn = Callable[[dict], None]  # called after each epoch with its record
 StepFn = Callable[[int, int, float], None]  # (step, steps per epoch, loss)
-
-
-@dataclass
-class TrainOptions:
-    config: str = "hsl-default"
-    epochs: int | None = None  # None: the config's
-    batch_size: int | None = None
-    lr: float | None = None
-    val_fraction: float = 0.1
-    test_fraction: float = 0.15  # a fixed, seed-independent hold-out that training never sees
-    seed: int = 0
-    device: str = "cpu"
-    resume: bool = False
-    precision: str = "auto"  # of the towers' forward passes; auto: the fastest on the device (hsl/precision.py)
-    max_products: int | None = None  # train on a seeded sample of this many training products (None: all)
-    memory_budget: int = 2 << 30  # bytes of features held in memory; a larger training set streams from the store
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -85,7 +70,7 @@ def validate(model: torch.nn.Module, products: Products, device: torch.device) -
     ranked = rank_products(model, products, products.tokens, products.token_mask, device, top_k=10)
     relevant = [{i} for i in products.ids]
     return {"R@1": recall_at_k(ranked, relevant, 1), "R@5": recall_at_k(ranked, relevant, 5),
-            "R@10": recall_at_k(ranked, relevant, 10), "MRR": mrr(ranked, relevant)}
+            "R@10": recall_at_k(ranked, relevant, 10), "MRR@10": mrr(ranked, relevant)}
 
 
 def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: TrainOptions | None = None,
@@ -102,15 +87,16 @@ class Trainer:
         self.options, self.out = options, Path(out_dir)
         self.ckpt = Checkpoint(self.out / "checkpoint")
         if self.out.exists() and any(self.out.iterdir()) and not options.resume:
-            raise HSLUsageError(f"{self.out} is not empty; give another --out, or --resume to continue its training")
-        # --resume before any epoch finished (a kill during the first one) simply starts from scratch.
+            raise HSLUsageError(f"{self.out} is not empty; give another `out`, or `resume` to continue its training",
+                                "out", str(self.out))
+        # Resuming before any epoch finished (a kill during the first one) simply starts from scratch.
         resuming = options.resume and self.ckpt.exists()
         self.device = torch.device(options.device)
         self.me = distributed.init(self.device)
         if self.me.distributed and self.device.type == "cuda":
             self.device = torch.device("cuda", self.me.local_rank)  # one GPU per process, as torchrun's local rank says
-        distributed.barrier()  # every rank has looked at --out before rank 0 writes into it
-        self.config = load_config(options.config)
+        distributed.barrier()  # every rank has looked at the out folder before rank 0 writes into it
+        self.config = model_config(options.config)  # a config whose losses the model cannot serve fails here
         self._load_data(store_path)
         self._build_model()
         self._build_optimizer()
@@ -146,7 +132,8 @@ class Trainer:
             self.train_set = self.train_set.loaded()  # fits: batches come from memory; else each one from the store
         if len(self.train_set) < 2 or (len(self.val_set) < 1 and options.val_fraction > 0):
             raise HSLUsageError(f"split gives {len(self.train_set)} training and {len(self.val_set)} validation "
-                                "products; extract more products or change --val-fraction")
+                                "products; extract more products or change `val_fraction`", "val_fraction",
+                                options.val_fraction)
 
     def _build_model(self) -> None:
         """Model, losses (with their heads) and label indices; the order of the random draws is fixed."""
@@ -158,8 +145,8 @@ class Trainer:
         # Heads of SGML/HUSE initialise after the model, so configs without them draw exactly as before.
         self.losses = {name: loss.to(self.device)
                        for name, loss in build_losses(self.model.config, self.context).items()}
-        # Only SGML/HUSE on the "total" embedding look at the index and query vectors: others skip them.
-        self.needs_vectors = any(getattr(loss, "embedding", None) == "total" for loss in self.losses.values())
+        # What the losses read of a batch: a batch computes only that (e.g. no index vectors for HSL alone).
+        self.needs = losses_need(self.model.config)
         # Model parameters first: the optimizer's state indices of the model stay those of an HSL-only run.
         self.params = [*self.model.parameters(), *head_parameters(self.losses)]
         self.labels = encode_labels(self.train_set.attributes, self.context.vocab)  # column -> [N] label index
@@ -179,11 +166,13 @@ class Trainer:
         trained = state["args"]
         if trained["config"] != self.options.config or trained["seed"] != self.options.seed:
             raise HSLUsageError(f"{self.out} was trained with config {trained['config']} and seed "
-                                f"{trained['seed']}; resume with the same --config and --seed")
+                                f"{trained['seed']}; resume with the same `config` and `seed`", "config",
+                                self.options.config)
         trained_in = trained.get("precision", "fp32")  # checkpoints from before precision was recorded
         if trained_in != self.precision.name:  # another precision would not end with the same weights
             raise HSLUsageError(f"{self.out} was trained in {trained_in}, this run would train in "
-                                f"{self.precision.name}; resume with --precision {trained_in}")
+                                f"{self.precision.name}; resume with `precision` {trained_in}", "precision",
+                                self.options.precision, [trained_in])
         self.model.load_state_dict(tensors["model"])
         load_heads_state(self.losses, tensors.get("objectives", {}), str(self.ckpt.folder))
         _load_optimizer(self.optimizer, tensors["optimizer"])
@@ -194,6 +183,8 @@ class Trainer:
             group["lr"] = lr  # the optimizer's state above came with the initial learning rate
         # Checkpoints from before the record lived in metrics.json alone carry it in their state.
         self.record = state.get("record") or _record_until(self.out / "metrics.json", state["epoch"])
+        for entry in [*self.record["history"], self.record["best"] or {}]:  # from before MRR was named MRR@10
+            entry["val"] = current_names(entry.get("val", {}))
         return state["epoch"]
 
     def run(self, on_step: StepFn | None = None, on_epoch: EpochFn | None = None) -> dict:
@@ -240,10 +231,11 @@ class Trainer:
         model, device = self.model, self.device
         text, image = self.towers(*self.train_set.image_batch(mine, device), *self.train_set.text_batch(mine, device))
         text, image = _gather(text, image, self.me)
-        batch = LossBatch(model.similarities(text, image), self.keys[index].to(device), text, image,
-                          {column: values[index].to(device) for column, values in self.labels.items()},
-                          model.index_vectors(image) if self.needs_vectors else None,
-                          model.query_vectors(text) if self.needs_vectors else None)
+        needs = self.needs
+        batch = LossBatch(self.keys[index].to(device), model.similarities(text, image) if needs.granularities else None,
+                          text, image, {column: values[index].to(device) for column, values in self.labels.items()},
+                          model.index_vectors(image) if needs.vectors else None,
+                          model.query_vectors(text) if needs.vectors else None)
         loss = sum(weight * self.losses[name](batch) for name, weight in model.config.losses.items())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # a pass-through unless fp16 (Precision.needs_grad_scaling)
@@ -255,7 +247,7 @@ class Trainer:
 
     def end_epoch(self, epoch: int, loss: float, seconds: float) -> dict:
         """Rank 0: validate, keep the model if best, write the record once, then the checkpoint; the entry."""
-        # --val-fraction 0 (train on everything, e.g. the shipped model): the last epoch is kept.
+        # A val_fraction of 0 (train on everything, e.g. the shipped model): the last epoch is kept.
         metrics = validate(self.model, self.val_set, self.device) if len(self.val_set) else {}
         entry = {"epoch": epoch + 1, "loss": loss, "val": metrics, "seconds": round(seconds, 2),
                  "peak_rss_mb": _peak_rss_mb()}
@@ -309,7 +301,7 @@ def _capped(parts: dict[str, np.ndarray], max_products: int | None, seed: int) -
     if max_products is None:
         return parts
     if max_products < 2:
-        raise HSLUsageError(f"--max-products must be at least 2, not {max_products}")
+        raise HSLUsageError(f"`max_products` must be at least 2, not {max_products}", "max_products", max_products)
     rng = np.random.default_rng(seed)
     capped = dict(parts)
     for side, cap in (("train", max_products), ("val", max(100, min(2000, max_products // 10)))):

@@ -8,6 +8,7 @@ An edge is every `import` / `from ... import` a module runs: at module level and
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,3 +123,36 @@ def test_a_cycle_and_a_private_import_are_found(tmp_path: Path):
     (tmp_path / "a.py").write_text("def f():\n    from .b import _helper\n", encoding="utf-8")
     known = {"p.a": tmp_path / "a.py", "p.b": tmp_path / "b.py"}
     assert imports("p.a", tmp_path / "a.py", known) == [("p.b", "_helper")]
+
+
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def error_strings(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every string in an error the module raises or builds (a call to a ...Error)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        builds_error = (isinstance(node, ast.Call) and isinstance(node.func, ast.Name | ast.Attribute)
+                        and (getattr(node.func, "id", None) or node.func.attr).endswith("Error"))
+        if isinstance(node, ast.Raise) or builds_error:
+            found += [(inner.lineno, inner.value) for inner in ast.walk(node)
+                      if isinstance(inner, ast.Constant) and isinstance(inner.value, str)]
+    return found
+
+
+def flags_in_errors(path: Path) -> list[str]:
+    """'file:line --flag' for each CLI flag in the text of an error the module raises or builds: the library
+    says which parameter was wrong as data (hsl/errors.py), and each front end words it with its own names."""
+    return sorted({f"{path.name}:{line} {flag}" for line, text in error_strings(path) for flag in FLAG.findall(text)})
+
+
+def test_no_cli_flag_in_a_library_error():
+    found = [hit for path in sorted((ROOT / "hsl").glob("*.py")) for hit in flags_in_errors(path)]
+    assert not found, f"library errors that name CLI flags: {found}"
+
+
+def test_a_flag_in_an_error_is_found(tmp_path: Path):
+    (tmp_path / "m.py").write_text('def f(k):\n    raise HSLUsageError(f"--top-k must be at least 1, not {k}")\n'
+                                   'def g():\n    return StoreError("give another " "--store")\n'
+                                   'def h():\n    raise HSLUsageError("`top_k` must be at least 1", "top_k")\n')
+    assert flags_in_errors(tmp_path / "m.py") == ["m.py:2 --top-k", "m.py:4 --store"]

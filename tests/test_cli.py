@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from typer.testing import CliRunner
 
+from hsl.errors import HSLError, HSLUsageError
 from hsl_cli.main import app
+from hsl_cli.options import FLAGS
 
 from .conftest import write_manifest
+from .test_architecture import ROOT, error_strings
 
 runner = CliRunner()
 
@@ -67,3 +71,24 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert runner.invoke(app, ["extract"]).exit_code == 2
     result = _extract([str(tmp_path / "nowhere"), "--store", str(tmp_path / "s.h5")])
     assert result.exit_code == 2 and "no such folder or manifest" in result.stderr
+
+
+def test_every_parameter_a_library_error_names_has_a_flag() -> None:
+    """The library names parameters in backticks (hsl/errors.py); the CLI's one table words each as its flag."""
+    named = {name for path in (ROOT / "hsl").glob("*.py") for _, text in error_strings(path)
+             for name in re.findall(r"`([a-z][a-z0-9_.]*)`", text)}
+    assert named and not named - set(FLAGS), f"parameters without a flag: {sorted(named - set(FLAGS))}"
+    error = HSLUsageError("`ivfpq.m` 5 must divide 16; or leave out `ivfpq` and `hsl train`", "ivfpq.m", 5, [1, 2])
+    assert error.worded(FLAGS) == "--pq-m 5 must divide 16; or leave out ivfpq and `hsl train`"
+    assert (error.parameter, error.value, error.allowed) == ("ivfpq.m", 5, [1, 2])
+    assert str(HSLError("plain")) == "plain" and HSLError("plain").parameter is None
+
+
+def test_library_errors_are_worded_with_flags(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["info", str(tmp_path / "absent.h5")])
+    assert result.exit_code == 1 and f"create it with hsl extract SOURCE and --store {tmp_path}" in result.stderr
+    (tmp_path / "taken").write_text("")
+    result = runner.invoke(app, ["train", "--store", str(tmp_path / "s.h5"), "--out", str(tmp_path), "--quiet"])
+    assert result.exit_code == 2
+    assert "is not empty; give another --out, or --resume to continue its training" in result.stderr
+    assert "`" not in result.stderr

@@ -128,8 +128,10 @@ def test_where_ignores_case_and_names_the_values_that_exist(shop: dict[str, Path
     assert set(listed) == set(colours)
     counts = [colours.count(value) for value in listed]
     assert counts == sorted(counts, reverse=True)  # most frequent first
-    assert "no such attribute column" in _one_line_error([*base, "--where", "size=L"])
-    assert "no product has it (did you mean red?)" in _one_line_error([*base, "--where", "colour=redd"])
+    assert "--where size=L: no such attribute column" in _one_line_error([*base, "--where", "size=L"])
+    assert "--where colour=redd: no product has it (did you mean red?)" in _one_line_error([*base, "--where",
+                                                                                           "colour=redd"])
+    assert "--where 'colour': write it as COLUMN=VALUE" in _one_line_error([*base, "--where", "colour"])
 
 
 def test_a_table_ends_with_the_html_hint(shop: dict[str, Path], tmp_path: Path) -> None:

@@ -190,7 +190,7 @@ def test_mismatched_options_are_refused(tmp_path: Path, photo_folder: Path) -> N
         extract(path, store, ExtractOptions(**TINY, max_boxes=20))
     with pytest.raises(StoreMismatchError, match="holds backbone 'kdd2020-boxes\\+tiny'"):
         extract(path, store, ExtractOptions(backbone="minilm"))
-    with pytest.raises(HSLUsageError, match="--grid"):
+    with pytest.raises(HSLUsageError, match="`grid` pools a photo's feature map"):
         extract(path, tmp_path / "other.h5", ExtractOptions(**TINY, grid=2))
     with pytest.raises(HSLUsageError, match="cannot encode KDD Cup queries"):
         extract(path, tmp_path / "other.h5", ExtractOptions(backbone="minilm-effnet-x"))

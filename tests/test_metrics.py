@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from hsl.metrics import (
     average_precision,
+    current_names,
     graded_ndcg_at_k,
     hierarchical_precision_at_k,
     mean_average_precision,
@@ -168,6 +169,10 @@ def test_summarize_keys_and_values() -> None:
     assert out["MRR"] == pytest.approx(mrr(RANKED, RELEVANT))
     assert out["NDCG@5"] == ndcg_at_5_kdd(RANKED, RELEVANT)
     assert all(isinstance(v, float) for v in out.values())
+    top10 = summarize([r[:10] for r in RANKED], RELEVANT, depth=10)  # cut lists: MRR and mAP say so
+    assert list(top10)[3:5] == ["MRR@10", "mAP@10"] and top10["MRR@10"] == mrr([r[:10] for r in RANKED], RELEVANT)
+    old = {"R@10": 0.5, "MRR": 0.25, "mAP": 0.2}  # a report written before the rename still reads
+    assert current_names(old) == {"R@10": 0.5, "MRR@10": 0.25, "mAP@10": 0.2} == current_names(current_names(old))
 
 
 @pytest.mark.parametrize(

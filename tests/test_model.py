@@ -51,7 +51,7 @@ def test_shapes():
     assert [v.shape for v in image.images] == [(5, j)] * 2
     assert [q.shape for q in text.object_queries + text.image_queries] == [(5, j)] * 4
     sims = model.similarities(text.select(torch.arange(3)), image)
-    assert [s.shape for s in sims["S_obj"] + sims["S_img"]] == [(3, 5)] * 4 and sims["total"].shape == (3, 5)
+    assert [s.shape for s in sims.objects + sims.images] == [(3, 5)] * 4 and sims.total.shape == (3, 5)
     assert model.index_vectors(image).shape == model.query_vectors(text).shape == (5, 4 * j)
     assert torch.allclose(image.images[0].norm(dim=-1), torch.ones(5), atol=1e-5)  # image vectors are unit
 
@@ -69,10 +69,10 @@ def test_padding_does_not_change_results(agg):
         plain = model.similarities(model.encode_text(tokens, token_mask), model.encode_image(regions, region_mask))
         image = model.encode_image(padded_regions, padded_region_mask)
         padded = model.similarities(model.encode_text(padded_tokens, padded_token_mask), image)
-    for name in ("S_obj", "S_img"):
-        for a, b in zip(plain[name], padded[name], strict=True):
+    for name in ("object", "image"):
+        for a, b in zip(plain.levels(name), padded.levels(name), strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(plain["total"], padded["total"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plain.total, padded.total, atol=1e-5, rtol=1e-5)
 
 
 def test_rows_with_nothing_valid_stay_finite():
@@ -81,7 +81,7 @@ def test_rows_with_nothing_valid_stay_finite():
     region_mask[1], token_mask[3] = False, False
     with torch.no_grad():
         sims = model.similarities(model.encode_text(tokens, token_mask), model.encode_image(regions, region_mask))
-    assert torch.isfinite(sims["total"]).all()
+    assert torch.isfinite(sims.total).all()
 
 
 def test_object_aggregation_by_hand():
@@ -107,7 +107,7 @@ def test_inner_product_is_the_total_score_with_mean(granularities, seed):
     text, image = encode(model, seed=seed, batch=7, regions=9)
     with torch.no_grad():
         fast = model.query_vectors(text) @ model.index_vectors(image).T  # [Bt,Bi]
-        torch.testing.assert_close(fast, model.similarities(text, image)["total"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(fast, model.similarities(text, image).total, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("agg", ["max", "topk"])
@@ -119,20 +119,20 @@ def test_candidates_then_rerank_with_max_and_topk(agg):
         full = model.similarities(text, image)
         coarse = model.query_vectors(text) @ model.index_vectors(image).T  # [Bt,Bi] image part only
         weights = model.config.level_weights
-        torch.testing.assert_close(coarse, sum(w * s for w, s in zip(weights, full["S_img"], strict=True)))
+        torch.testing.assert_close(coarse, sum(w * s for w, s in zip(weights, full.images, strict=True)))
         candidates = coarse.topk(4, dim=1).indices  # [Bt,4]
         for row, columns in enumerate(candidates):
-            reranked = model.similarities(text.select(torch.tensor([row])), image.select(columns))["total"][0]
-            torch.testing.assert_close(reranked, full["total"][row, columns], atol=1e-6, rtol=0)
+            reranked = model.similarities(text.select(torch.tensor([row])), image.select(columns)).total[0]
+            torch.testing.assert_close(reranked, full.total[row, columns], atol=1e-6, rtol=0)
 
 
 def test_granularities_remove_the_other_term():
-    for granularities, present, absent in ((("image",), "S_img", "S_obj"), (("object",), "S_obj", "S_img")):
+    for granularities, present, absent in ((("image",), "image", "object"), (("object",), "object", "image")):
         model = make_model(tiny(granularities=granularities))
         sims = model.similarities(*encode(model))
-        assert absent not in sims
-        weighted = sum(w * s for w, s in zip(model.config.level_weights, sims[present], strict=True))
-        torch.testing.assert_close(sims["total"], weighted)
+        assert getattr(sims, f"{absent}s") is None
+        weighted = sum(w * s for w, s in zip(model.config.level_weights, sims.levels(present), strict=True))
+        torch.testing.assert_close(sims.total, weighted)
     assert not hasattr(make_model(tiny(granularities=("image",))), "object_query_heads")
     assert not hasattr(make_model(tiny(granularities=("object",))), "image_pool")
 
@@ -141,7 +141,7 @@ def test_gradients_reach_every_parameter():
     model = make_model().train()
     regions, region_mask, tokens, token_mask = make_batch(4)
     sims = model.similarities(model.encode_text(tokens, token_mask), model.encode_image(regions, region_mask))
-    sims["total"].diagonal().sum().backward()
+    sims.total.diagonal().sum().backward()
     for name, param in model.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
 
@@ -155,7 +155,7 @@ def test_fixed_seed_is_deterministic():
     for model in (first.train(), second.train()):  # dropout masks too, given the same seed
         torch.manual_seed(11)
         text, image = model.encode_text(*batch[2:]), model.encode_image(*batch[:2])
-        outputs.append(model.similarities(text, image)["total"].detach())
+        outputs.append(model.similarities(text, image).total.detach())
     assert torch.equal(outputs[0], outputs[1])
 
 
@@ -166,10 +166,10 @@ def test_save_load_round_trip(tmp_path):
     assert meta == {"backbone": "tiny-test", "image_dim": IMAGE_DIM, "text_dim": TEXT_DIM}
     assert loaded.config == model.config and not loaded.training
     with torch.no_grad():
-        for a, b in zip(model.similarities(*encode(model)).values(), loaded.similarities(*encode(loaded)).values(),
+        mine, theirs = model.similarities(*encode(model)), loaded.similarities(*encode(loaded))
+        for a, b in zip([*mine.objects, *mine.images, mine.total], [*theirs.objects, *theirs.images, theirs.total],
                         strict=True):
-            assert torch.equal(torch.stack(a) if isinstance(a, list) else a,
-                               torch.stack(b) if isinstance(b, list) else b)
+            assert torch.equal(a, b)
     digest = model_hash(tmp_path / "m")
     assert len(digest) == 16 and digest == model_hash(tmp_path / "m")
     save_model(make_model(seed=1), tmp_path / "m", {"backbone": "tiny-test"})

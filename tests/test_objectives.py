@@ -28,7 +28,7 @@ def batch(images: list, texts: list, keys: list, labels: dict, grad: bool = Fals
     image = torch.tensor(images, dtype=torch.float32, requires_grad=grad)
     text = torch.tensor(texts, dtype=torch.float32, requires_grad=grad)
     encoding = ImageEncoding([image.unsqueeze(1)], [image], torch.ones(len(images), 1, dtype=torch.bool))
-    return LossBatch({}, torch.tensor(keys), TextEncoding([], [text]), encoding,
+    return LossBatch(torch.tensor(keys), None, TextEncoding([], [text]), encoding,
                      {c: torch.tensor(v) for c, v in labels.items()}, index_vectors=image, query_vectors=text)
 
 
@@ -136,7 +136,7 @@ def test_huse_no_valid_pairs_and_backward():
 def test_embedding_choice_total_or_deepest():
     vectors = torch.tensor([[3.0, 4.0]])
     encoding = ImageEncoding([vectors.unsqueeze(1)], [], torch.ones(1, 1, dtype=torch.bool))  # object-only
-    one = LossBatch({}, torch.tensor([0]), TextEncoding([vectors], []), encoding, {"kind": torch.tensor([0])},
+    one = LossBatch(torch.tensor([0]), None, TextEncoding([vectors], []), encoding, {"kind": torch.tensor([0])},
                     index_vectors=torch.tensor([[1.0, 0.0]]), query_vectors=torch.tensor([[0.0, 2.0]]))
     deepest = SGMLLoss(["kind"], [1.0], [1], embed_dim=2, attribute_weight=0.0, embedding="deepest")
     # object-only: the deepest embedding is mean_k o_k^L and q1^L, both (.6, .8): cosine 1
@@ -144,21 +144,25 @@ def test_embedding_choice_total_or_deepest():
     total = SGMLLoss(["kind"], [1.0], [1], embed_dim=2, attribute_weight=0.0)
     assert total(one).item() == pytest.approx(sp(-2 * (0.0 - 0.5)), rel=1e-6)  # index (1, 0) vs query (0, 1)
     with pytest.raises(HSLUsageError, match="index and query vectors"):
-        total(LossBatch({}, torch.tensor([0]), one.text, one.image, one.labels))
+        total(LossBatch(torch.tensor([0]), None, one.text, one.image, one.labels))
 
 
 def test_config_blocks_round_trip_and_validate(tmp_path):
     config = load_config("hsl-tiny-objectives")
     assert config.sgml.attributes == {"colour": 1.0, "kind": 1.0} and config.huse.class_column == "kind"
     assert config_from_dict(config_to_dict(config), "x") == config
-    assert "sgml" not in config_to_dict(load_config("hsl-tiny"))  # configs without objectives are unchanged
+    assert not {"hsl", "sgml"} & set(config_to_dict(load_config("hsl-tiny")))  # configs without blocks: unchanged
+    one = config_from_dict({**config_to_dict(config), "hsl": {"granularities": ["image"]}}, "x")
+    assert one.hsl.granularities == ("image",) and config_from_dict(config_to_dict(one), "x") == one
     data = config_to_dict(config)
     defaults = config_from_dict({**data, "sgml": None}, "x")  # "sgml" named without a block: the defaults
     assert defaults.sgml.alpha == 2.0 and defaults.sgml.negative_cost == 25.0 and defaults.sgml.attributes == {}
     cases = [({"huse": None}, "needs a \"huse\" block"), ({"sgml": {"gamma": 1}}, "'gamma'"),
              ({"losses": {"hsl": 1.0, "sgml": -1}}, r"losses\['sgml'\]"),
              ({"sgml": {"attributes": {"kind": "x"}}}, r"attributes\['kind'\]"),
-             ({"huse": {"class_weight": 1.0}}, "class_column"), ({"sgml": {"beta": 3}}, "beta")]
+             ({"huse": {"class_weight": 1.0}}, "class_column"), ({"sgml": {"beta": 3}}, "beta"),
+             ({"hsl": {"granularities": ["region"]}}, "hsl: granularities must be distinct"),
+             ({"hsl": {"w": 1}}, "'w'")]
     for change, message in cases:
         path = tmp_path / "c.json"
         path.write_text(json.dumps({**data, **change}))

@@ -74,7 +74,7 @@ def test_model_and_index_record_their_precision(tmp_path: Path) -> None:
     train(store, out, TrainOptions(config="hsl-tiny", epochs=1, precision="bf16"))
     assert json.loads((out / "config.json").read_text())["meta"]["precision"] == "bf16"
     assert json.loads((out / "train_args.json").read_text())["precision"] == "bf16"
-    with pytest.raises(HSLUsageError, match="--precision bf16"):
+    with pytest.raises(HSLUsageError, match="`precision` bf16"):
         train(store, out, TrainOptions(config="hsl-tiny", epochs=2, precision="fp32", resume=True))
     fp32 = Searcher(store, out, precision="fp32")
     with h5py.File(fp32.index.path, "r") as f:

@@ -18,6 +18,7 @@ from hsl.extract import ExtractOptions, extract
 from hsl.factory import create_model, save_model
 from hsl.search import Searcher
 from hsl_cli.main import app
+from hsl_cli.options import FLAGS
 
 from .conftest import write_manifest
 
@@ -93,7 +94,9 @@ def test_bad_knobs_are_one_clear_line(knobs: dict, message: str) -> None:
     opts = IVFPQOptions(**({"dim": 32, "m": 8} | knobs))
     with pytest.raises(HSLUsageError) as caught:
         opts.resolved(1000, 64)
-    assert message in str(caught.value) and "\n" not in str(caught.value)
+    error = caught.value  # the library names its own parameter; the CLI words it with its flag
+    assert message in error.worded(FLAGS) and "\n" not in str(error) and "--" not in str(error)
+    assert FLAGS[error.parameter] == message.split()[0] and error.value == next(iter(knobs.values()))
 
 
 def test_cli_ivfpq_and_bad_knob(shop: tuple[Path, Path]) -> None:

@@ -63,7 +63,7 @@ def _brute_force(store: Path, model_dir: Path, text: str) -> list[tuple[str, flo
     mask = torch.arange(features.tokens.shape[1])[None] < features.lengths.clamp(min=1)[:, None]
     with torch.no_grad():
         image = model.encode_image(*products.image_batch(torch.arange(len(products)), torch.device("cpu")))
-        scores = model.similarities(model.encode_text(features.tokens, mask), image)["total"][0]
+        scores = model.similarities(model.encode_text(features.tokens, mask), image).total[0]
     order = torch.argsort(scores, descending=True, stable=True).tolist()
     return [(products.ids[i], float(scores[i])) for i in order]
 
@@ -96,7 +96,7 @@ def test_where_filters_before_ranking(shop: Path, tmp_path: Path) -> None:
 def test_bad_queries_are_clear(shop: Path, tmp_path: Path) -> None:
     searcher = Searcher(shop, _save_random_model(tmp_path / "m", 2))
     for empty in ("", "   ", "\x00\x07\n"):
-        with pytest.raises(HSLUsageError, match="the query is empty"):
+        with pytest.raises(HSLUsageError, match="`query` is empty"):
             searcher.search(empty)
     result = searcher.search("red " * 5000)
     assert result.warnings and "truncated" in result.warnings[0] and len(result.hits) == 10

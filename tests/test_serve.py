@@ -125,10 +125,14 @@ def test_where_filters(client: TestClient) -> None:
     listed = absent.json()["detail"].split("colour has ")[-1].split(", ")
     assert absent.status_code == 400 and set(listed) == {"red", "green", "blue", "black"}
     unknown = client.get("/search", params={"q": "shirt", "where": "size=L"})
-    assert unknown.status_code == 400 and "no such attribute column" in unknown.json()["detail"]
+    assert unknown.status_code == 400 and unknown.json()["detail"].startswith("where size=L: no such attribute column")
+    assert {k: unknown.json()[k] for k in ("parameter", "value", "allowed")} == {
+        "parameter": "where", "value": "size=L", "allowed": ["colour", "kind"]}  # what went wrong, as data
     for bad in ("colour", "=red"):
         response = client.get("/search", params={"q": "shirt", "where": bad})
         assert response.status_code == 400 and "COLUMN=VALUE" in response.json()["detail"]
+        assert response.json()["parameter"] == "where" and response.json()["value"] == bad
+        assert "--" not in response.json()["detail"] and "`" not in response.json()["detail"]
 
 
 def test_bad_requests_get_a_clear_4xx(client: TestClient) -> None:
@@ -142,6 +146,7 @@ def test_bad_requests_get_a_clear_4xx(client: TestClient) -> None:
         assert isinstance(response.json()["detail"], str) and response.json()["detail"], url  # as the README says
     for empty in ("/search?q=", "/search?q=%20%20"):
         assert "q is empty" in client.get(empty).json()["detail"], empty
+        assert client.get(empty).json()["parameter"] == "q"
     assert client.get("/search").json()["detail"] == "q: Field required"  # missing: FastAPI's 422, one string
     assert client.get("/search?q=a&k=101").json()["detail"].startswith("k: ")
     long = client.get("/search", params={"q": "red " * 400}).json()

@@ -69,7 +69,7 @@ def test_eval_instance_and_query_files(tiny_store: Path, tmp_path: Path) -> None
     result = evaluate(tiny_store, tmp_path / "m", hierarchy=["kind"])
     metrics = result["metrics"]
     assert result["split"] == "test" and result["queries"] == result["gallery"] > 0
-    for key in ("R@1", "R@5", "R@10", "MRR", "mAP", "NDCG@5", "HP@5"):
+    for key in ("R@1", "R@5", "R@10", "MRR@10", "mAP@10", "NDCG@5", "HP@5"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["R@1"] <= metrics["R@5"] <= metrics["R@10"]
     binary = tmp_path / "binary.jsonl"
