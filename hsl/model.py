@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GRANULARITIES, ModelConfig
+from .dropout import use_fast_dropout
 from .errors import HSLUsageError
 from .precision import Precision
 
@@ -139,6 +140,7 @@ class HSLModel(nn.Module):
             self.pool_inputs = nn.ModuleList(nn.Linear(j, d) for _ in levels)
             self.image_pool = AttentionPool(d, j, config.dropout)  # one AttFlat shared by all levels, as officially
             self.image_query_heads = nn.ModuleList(nn.Linear(d, j) for _ in levels)
+        use_fast_dropout(self)  # half the random draws of torch's CPU dropout (hsl/dropout.py)
         self.precision = Precision("fp32", "cpu")
 
     def use_precision(self, precision: Precision) -> HSLModel:

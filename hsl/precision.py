@@ -8,9 +8,10 @@ the backbones' bare forward ran 6,900 images/s in float32 (convolutions on TF32 
 them), and a 10-epoch training of hsl-default is faster in float32 too (bf16's steady epochs are
 1.2x faster, but its first pays ~6 s more). Autocast keeps the weights (and training's master copy)
 in float32 and runs matrix products and convolutions in the low precision, so outputs, stored
-features and saved weights keep their dtypes. channels_last (NHWC) is used for the image tower on
-CUDA only, in every precision (on the H200 never slower than NCHW, 3.8x faster under bf16); on the
-CPU it gained nothing consistent and, in some runs under bf16, was several times slower.
+features and saved weights keep their dtypes. channels_last (NHWC) is the image tower's layout on
+every device, once its BatchNorms are folded into the convolutions (hsl/backbones.py): on the 2-core
+EPYC the tower then ran 1.5-1.8x faster than in NCHW in float32 and in bf16, and on the H200 NHWC
+was never slower (3.8x faster under bf16).
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ def resolve_precision(requested: str, device: torch.device | str) -> Precision:
         raise HSLUsageError(f"unknown precision {requested!r}; use {', '.join(PRECISIONS)}")
     device_type = getattr(device, "type", None) or str(device).split(":")[0]  # torch.device or "cuda:1"
     name = requested if requested != "auto" else auto_precision(device_type)
-    # NHWC feeds tensor cores without transposes; on CPU it did not pay (module docstring).
-    return Precision(name, device_type, channels_last=device_type == "cuda")
+    # NHWC: oneDNN's and cuDNN's fast convolution kernels take it without reordering (module docstring)
+    return Precision(name, device_type, channels_last=True)
 
 
 def auto_precision(device_type: str) -> str:

@@ -31,7 +31,7 @@ def test_resolve_precision() -> None:
     assert resolve_precision("auto", "cpu").name == ("bf16" if cpu_has_native_bf16() else "fp32")
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
         chosen = resolve_precision(name, "cpu")
-        assert (chosen.name, chosen.dtype, chosen.layout) == (name, dtype, "nchw")
+        assert (chosen.name, chosen.dtype, chosen.layout) == (name, dtype, "channels_last")
     assert resolve_precision("bf16", "cuda").channels_last  # no GPU needed to resolve
     assert resolve_precision("fp32", "cuda").channels_last  # measured on an H200: never slower than NCHW
     with pytest.raises(HSLUsageError, match="fp64"):
