@@ -125,7 +125,7 @@ times, found = [], []
 for t in texts:
     s = time.perf_counter(); hits = auto.search(t, top_k=10).hits; times.append(time.perf_counter() - s)
     found.append([h.id for h in hits])
-auto.index.close()
+auto.close()
 exact = Searcher({str(store)!r}, backend="exact")
 recall = statistics.mean(len(set(f) & {{h.id for h in exact.search(t, top_k=10).hits}}) / 10
                          for t, f in zip(texts, found))

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
+from . import hit_records
 from .atomic import temporary_sibling
 from .store import DONE, FeatureStore, ensure_space
 
@@ -44,11 +45,19 @@ def store_stamps(store: FeatureStore) -> np.ndarray:
                      store.column("file_mtime_ns")], axis=1)
 
 
-def store_fingerprint(stamps: np.ndarray) -> str:
-    """Of `store_stamps`: changes whenever a row is added, re-extracted or finished."""
+def store_fingerprint(stamps: np.ndarray, strings_id: str = "") -> str:
+    """Of `store_stamps` and the store's strings: changes whenever a row is added, re-extracted or
+    finished, or the store is rebuilt with other strings (hsl/hit_records.py)."""
     digest = hashlib.sha256(np.ascontiguousarray(stamps).tobytes())
     digest.update(str(len(stamps)).encode())
+    if strings_id:  # stores from before it have none: their caches stay current
+        digest.update(f"/{strings_id}".encode())
     return digest.hexdigest()[:16]
+
+
+def strings_id(store: FeatureStore) -> str:
+    """Which build of the store's strings this is ("" for stores from before it was recorded)."""
+    return str(store.meta.get("strings_id", ""))
 
 
 def index_path(store_path: str | os.PathLike, model_key: str) -> Path:
@@ -78,7 +87,7 @@ def refresh_index(store_path: str | os.PathLike, model: Callable[[], HSLModel], 
     path = index_path(store_path, model_key)
     with FeatureStore.open(store_path) as store:
         stamps = store_stamps(store)
-        fingerprint = store_fingerprint(stamps)
+        fingerprint = store_fingerprint(stamps, strings_id(store))
     if is_current(path, fingerprint, precision):
         return path
     plan = _update_plan(path, stamps, precision)
@@ -95,14 +104,14 @@ def build_index(store_path: str | os.PathLike, model: HSLModel, model_key: str, 
     """Encode every extracted product's image side (in the model's precision) and write a new cache."""
     with FeatureStore.open(store_path) as store:
         stamps = store_stamps(store)
-        fingerprint = store_fingerprint(stamps)
+        fingerprint = store_fingerprint(stamps, strings_id(store))
         rows = np.flatnonzero(stamps[:, 0] == DONE)
         path = index_path(store_path, model_key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temporary_sibling(path)
         dims = _dims(model)
         capacity = len(rows) + max(1024, len(rows) // 8)  # room for the products later updates append
-        ensure_space(tmp, capacity * (dims * 4 + 8) + len(stamps) * 24 + (1 << 20),
+        ensure_space(tmp, capacity * (dims * 4 + 8 + 12) + len(rows) * 400 + len(stamps) * 24 + (1 << 20),
                      "queries keep using the old index, if any")
         with h5py.File(tmp, "w") as f:
             # Contiguous, not chunked: reading a query's 200 candidate rows takes 1.7 ms instead of 14-70 ms
@@ -112,7 +121,10 @@ def build_index(store_path: str | os.PathLike, model: HSLModel, model_key: str, 
             f.create_dataset("stamps", data=stamps, maxshape=(None, 3), chunks=(65536, 3))
             for start, block in _encoded_blocks(store, model, rows, progress):
                 vectors[start:start + len(block)] = block
-            f.attrs.update({"version": INDEX_VERSION, "store_fingerprint": fingerprint, "model": model_key,
+            hit_records.create(f, capacity)
+            hit_records.write(f, store, rows, np.arange(len(rows)))
+            f.attrs.update({"strings_id": strings_id(store), "version": INDEX_VERSION,
+                            "store_fingerprint": fingerprint, "model": model_key,
                             "exact": bool(model.exact_by_inner_product), "precision": model.precision.name,
                             "generation": 0, "count": len(rows)})
     for stale in path.parent.glob(f"{model_key}.*.faiss"):  # ANN files of the previous vectors
@@ -186,6 +198,7 @@ def _update(path: Path, store_path: str | os.PathLike, model: HSLModel, plan: _P
             drop = np.sort(plan.drop)
             rows[drop] = -1
             _write_at(vectors, drop, np.zeros((len(drop), vectors.shape[1]), np.float32))
+        _update_records(f, store, plan)
         f["stamps"].resize(len(stamps), axis=0)
         f["stamps"][:] = stamps
         # The positions this update touched, for the ANN files of the previous generation (hsl/index.py).
@@ -195,6 +208,22 @@ def _update(path: Path, store_path: str | os.PathLike, model: HSLModel, plan: _P
         f.create_dataset("touched", data=touched)
         f.attrs.update({"store_fingerprint": fingerprint, "generation": int(f.attrs["generation"]) + 1,
                         "count": count, "updating": False})
+
+
+def _update_records(f: h5py.File, store: FeatureStore, plan: _Plan) -> None:
+    """The changed products' records; all of them when the store was rebuilt with other strings (a title or
+    attribute edited: the photos, and so the vectors, may not have changed; that rebuild rewrote the
+    whole store, so rewriting every record is work in proportion to it), or once for a cache made
+    before the records existed."""
+    if not hit_records.has_records(f) or f.attrs.get("strings_id", "") != strings_id(store):
+        live = np.flatnonzero(f["rows"][:] >= 0)
+        rows = f["rows"][:][live]
+        order = np.argsort(rows)
+        hit_records.replace_all(f, store, rows[order], live[order])
+        f.attrs["strings_id"] = strings_id(store)
+        return
+    hit_records.write(f, store, plan.encode, plan.positions)
+    hit_records.drop(f, plan.drop)
 
 
 def cache_rows(f: h5py.File) -> np.ndarray:

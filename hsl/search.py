@@ -20,6 +20,7 @@ import numpy as np
 
 from .ann import IVFPQOptions, best_exact
 from .errors import HSLError, HSLUsageError, StoreMismatchError
+from .hit_records import HitRecords
 from .index import VectorSearch
 from .index_cache import refresh_index
 from .model_files import check_backbone, model_hash, read_config
@@ -181,6 +182,8 @@ class Searcher:
         else:
             self.index = VectorSearch(path, backend, nprobe, ef_search, ivfpq)
         self.rows = self.index.rows  # [N] store row of each index vector (-1: dropped, never a result)
+        # the hits' strings, packed beside the vectors (hsl/hit_records.py)
+        self.records = HitRecords(path, str(self.store_meta.get("strings_id", "")))
         self.strings: CatalogStrings | None = None
         if keep_strings:
             with FeatureStore.open(self.store_path) as store:
@@ -302,6 +305,7 @@ class Searcher:
     def close(self) -> None:
         """Close the index and the store (a Searcher left open is closed with the process)."""
         self.index.close()
+        self.records.close()
         if self._store is not None:
             self._store.close()
 
@@ -309,6 +313,8 @@ class Searcher:
         """Ranked hits for index positions, best first."""
         if self.strings is not None:
             records = [self.strings.record(i) for i in positions.tolist()]
+        elif (cached := self.records.get(positions)) is not None:
+            records = cached
         else:
             if self._store is None:  # one read-only handle for the Searcher's life, not one per query
                 self._store = FeatureStore.open(self.store_path)

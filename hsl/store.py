@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +166,9 @@ class FeatureStore:
             f.attrs.update({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in meta.items()})
             f.attrs["schema_version"] = schema_of(meta)
             f.attrs["attribute_columns"] = json.dumps(attribute_columns)
+            # Strings change only here (a build): a new id tells the index cache's copy of them (hsl/hit_records.py)
+            # that it is stale even when no photo changed, e.g. a title edited in the manifest.
+            f.attrs["strings_id"] = secrets.token_hex(8)
             text = h5py.string_dtype()
             for name, values in zip(_STRINGS, ([r.id for r in rows], [r.image for r in rows],
                                                [r.text for r in rows]), strict=True):
@@ -408,6 +412,8 @@ def _pick_strings(ds: h5py.Dataset, rows: np.ndarray | None) -> list[str]:
     wanted, back = np.unique(rows[rows >= 0], return_inverse=True)  # h5py reads increasing rows only
     if len(wanted) > ds.shape[0] // 10:  # most rows: one read, then pick (h5py point selection is slow)
         found = ds[:][wanted]
+    elif len(wanted) > 64 and wanted[-1] - wanted[0] < 4 * len(wanted):  # a dense run: one slice, then pick
+        found = ds[wanted[0]:wanted[-1] + 1][wanted - wanted[0]]
     else:
         found = ds[wanted] if len(wanted) else []
     out = [""] * len(rows)

@@ -60,7 +60,7 @@ def test_update_encodes_only_the_changed_products_and_equals_a_full_build(shop: 
     before = Searcher(store, model, backend=backend, nprobe=4096, precision="fp32",
                       progress=lambda done, total: totals.append(total))
     assert totals == [60]
-    before.index.close()  # as when the query that built it has ended
+    before.close()  # as when the query that built it has ended
     _change_the_shop(manifest)
     report = extract(manifest, store, TINY)
     assert report.extracted == 6 and [s.id for s in report.skipped] == ["p25"]
@@ -87,7 +87,7 @@ def test_a_killed_update_is_rebuilt_not_trusted(shop: tuple) -> None:
     first = Searcher(store, model, precision="fp32")
     want = _results(first)
     path = first.index.path
-    first.index.close()
+    first.close()
     _change_the_shop(manifest)
     extract(manifest, store, TINY)
     with h5py.File(path, "r+") as f:  # what a kill in the middle of an update leaves
@@ -114,3 +114,52 @@ def test_a_cache_open_for_reading_is_replaced_not_changed_under_the_reader(shop:
                      progress=lambda done, total: totals.append(total))
     assert totals == [63] and other.index.generation == 0  # a full build, renamed over the old file
     assert _results(reader) == want and "p25" not in [h.id for h in other.search("x", top_k=100).hits]
+
+
+def _hit_strings(searcher: Searcher, text: str = "red shirt") -> list[tuple]:
+    return [(h.id, h.text, h.image, h.attributes) for h in searcher.search(text, top_k=64).hits]
+
+
+def test_hits_come_from_the_cache_records_and_follow_an_edited_title(shop: tuple) -> None:
+    """The hits' strings are read from the index cache's records (hsl/hit_records.py), equal the store's,
+    and a title edited in the manifest (the photo unchanged, so no vector changes) shows at once."""
+    manifest, store, model = shop
+    first = Searcher(store, model, precision="fp32")
+    assert first.records.available
+    from_records = _hit_strings(first)
+    first.records.available = False  # the store's own strings, as for a cache without records
+    assert _hit_strings(first) == from_records
+    first.close()
+
+    text = manifest.read_text(encoding="utf-8").replace("p7,images/p7.jpg,", "p7,images/p7.jpg,Edited title ", 1)
+    manifest.write_text(text, encoding="utf-8")
+    extract(manifest, store, TINY)
+    totals: list[int] = []
+    again = Searcher(store, model, precision="fp32", progress=lambda done, total: totals.append(total))
+    assert again.records.available and sum(totals) <= 1  # no product re-encoded but (at most) the edited one
+    titles = {h.id: h.text for h in again.search("x", top_k=64).hits}
+    before = {hit_id: title for hit_id, title, _, _ in from_records}
+    assert titles["p7"] == "Edited title " + before["p7"] and titles["p8"] == before["p8"]
+    again.records.available = False
+    assert {h.id: h.text for h in again.search("x", top_k=64).hits} == titles
+
+
+def test_a_cache_without_records_gets_them_at_its_next_update(shop: tuple) -> None:
+    manifest, store, model = shop
+    first = Searcher(store, model, precision="fp32")
+    want = _hit_strings(first)
+    path = first.index.path
+    first.close()
+    with h5py.File(path, "r+") as f:  # a cache as the versions before the records wrote it
+        for name in ("record_blob", "record_start", "record_len"):
+            del f[name]
+    older = Searcher(store, model, precision="fp32")
+    assert not older.records.available and _hit_strings(older) == want  # read from the store instead
+    older.close()
+    _change_the_shop(manifest)
+    extract(manifest, store, TINY)
+    updated = Searcher(store, model, precision="fp32")
+    assert updated.records.available and updated.index.generation == 1
+    from_records = _hit_strings(updated)
+    updated.records.available = False
+    assert _hit_strings(updated) == from_records and "p25" not in [h[0] for h in from_records]

@@ -81,7 +81,7 @@ def test_flat_index_ranks_exactly_like_the_exact_backend(tiny_store: Path, model
         vector = np.asarray(milvus.index._vectors[0], np.float32)
         assert sorted(milvus.index.search(vector, 10, allowed)[0].tolist()) == [3, 10, 11, 50]
     finally:
-        milvus.index.close()
+        milvus.close()
 
 
 def _write_store(path: Path, products: dict[str, int], kinds: list[str] | None = None) -> None:
@@ -134,7 +134,7 @@ def test_the_collection_follows_the_store(tmp_path: Path, model_dir: Path) -> No
     _write_store(store, first)
     searcher = _searcher(store, model_dir)
     assert (searcher.index.report.upserted, searcher.index.report.deleted) == (300, 0)
-    searcher.index.close()
+    searcher.close()
 
     second = {pid: v for pid, v in first.items() if int(pid[1:]) >= 50}  # 50 removed
     second.update({f"p{i}": 2 for i in range(50, 60)})  # 10 changed (new vectors)
@@ -149,11 +149,11 @@ def test_the_collection_follows_the_store(tmp_path: Path, model_dir: Path) -> No
         for text in QUERIES:  # every product could be returned: nothing the store lost ever is
             assert not {pid for pid in _ids(searcher.search(text, 100)) if pid not in second}
     finally:
-        searcher.index.close()
+        searcher.close()
     assert time.perf_counter() - started < 60
     again = _searcher(store, model_dir)  # unchanged store: the state row says so, nothing is compared or sent
     assert again.index.report.skipped and again.index.report.upserted == 0
-    again.index.close()
+    again.close()
 
     # New attribute text, same photos: the store's stamps and the index cache stay, the collection follows.
     kinds = ["new kind" if i < 5 else f"k{int(pid[1:]) % 5}" for i, pid in enumerate(second)]
@@ -163,7 +163,7 @@ def test_the_collection_follows_the_store(tmp_path: Path, model_dir: Path) -> No
         assert (relabelled.index.report.upserted, relabelled.index.report.deleted) == (5, 0)
         assert sorted(_ids(relabelled.search("product", 10, {"kind": "New Kind"}))) == sorted(list(second)[:5])
     finally:
-        relabelled.index.close()
+        relabelled.close()
 
 
 def _wal_written(db: Path) -> bool:
@@ -260,7 +260,7 @@ def test_filter_values_cannot_change_the_expression(tmp_path: Path, model_dir: P
             assert {h.attributes["kind"] for h in got.hits} == {value}  # exactly the value, not "red" too
             assert _ids(got) == _ids(exact.search("product", 100, {"kind": value}))
     finally:
-        milvus.index.close()
+        milvus.close()
 
 
 def test_query_serve_and_eval_work_with_the_option(tiny_store: Path, model_dir: Path, tmp_path: Path) -> None:
@@ -296,4 +296,4 @@ def test_query_serve_and_eval_work_with_the_option(tiny_store: Path, model_dir: 
             assert _ids(served.similar(first, 5, where)) == _ids(plain.similar(first, 5, where))
             assert first not in _ids(served.similar(first, 5, where))
     finally:
-        served.searcher.index.close()
+        served.searcher.close()
