@@ -18,7 +18,7 @@ import numpy as np
 
 from .ann import IVFPQOptions, ShardedIVFPQ, best_exact, build, matvec, read_rows, write_index
 from .errors import HSLUsageError
-from .index_cache import UsedRows, cache_rows
+from .index_cache import UsedRows, cache_rows, mapped_rows
 from .options import EF_SEARCH, NPROBE, RERANK_POOL
 from .top_k import top_k
 
@@ -44,7 +44,7 @@ class VectorSearch:
         self.path = path
         self._h5 = h5py.File(path, "r")
         self.rows = cache_rows(self._h5)  # [N] store row of each position; -1: dropped by an update
-        self._vectors = UsedRows(self._h5["vectors"], len(self.rows))
+        self._vectors = mapped_rows(self._h5["vectors"], len(self.rows), path)
         self.generation = int(self._h5.attrs.get("generation", 0))
         self.live = None if (self.rows >= 0).all() else self.rows >= 0  # None: every position is a product
         n, dims = self._vectors.shape
@@ -53,7 +53,7 @@ class VectorSearch:
                        else "ivf" if n * dims <= IVFPQ_FROM_BYTES else "ivfpq")
         self.backend = backend
         self.ann = self._ivfpq(replace(ivfpq or IVFPQOptions(), nprobe=nprobe)) if backend == "ivfpq" else None
-        self.matrix = self._vectors[:] if backend == "exact" else None  # [N,D] float32
+        self.matrix = _in_memory(self._vectors[:]) if backend == "exact" else None  # [N,D] float32
         self.faiss_index = None if backend in ("exact", "ivfpq") else self._faiss_index(backend, nprobe, ef_search)
 
     def __len__(self) -> int:
@@ -88,6 +88,9 @@ class VectorSearch:
         index = faiss.read_index(str(file), faiss.IO_FLAG_MMAP if backend == "ivf" else 0)
         if backend == "ivf":
             index.nprobe = nprobe
+            # One query at a time: split its probed lists over the threads (faiss's default splits a batch's
+            # queries, leaving one thread idle). At 1M products: 4.1 ms instead of 5.2 ms a search.
+            index.parallel_mode = 1
         elif backend == "hnsw":
             index.hnsw.efSearch = ef_search
         return index
@@ -158,7 +161,12 @@ def _matvec(matrix: np.ndarray, query: np.ndarray) -> np.ndarray:
     return matvec(matrix, query)
 
 
-def build_faiss_index(vectors: UsedRows, backend: str, live: np.ndarray | None = None) -> object:
+def _in_memory(rows: np.ndarray) -> np.ndarray:
+    """A memory map's rows copied into RAM (the exact search reads them all, every query)."""
+    return np.array(rows) if isinstance(rows, np.memmap) else rows
+
+
+def build_faiss_index(vectors: UsedRows | np.ndarray, backend: str, live: np.ndarray | None = None) -> object:
     """faiss index over the stored vectors, added block by block (never all float32 vectors at once).
     IVF holds only the `live` positions (ids = positions), so it needs no filter for dropped ones."""
     import faiss

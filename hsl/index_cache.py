@@ -246,6 +246,16 @@ class UsedRows:
         return self.vectors[key]
 
 
+def mapped_rows(vectors: h5py.Dataset, count: int, path: Path) -> np.ndarray | UsedRows:
+    """The used rows as a read-only memory map where the dataset is contiguous and uncompressed (as
+    build_index writes it): a query's 200 candidates then come from the page cache in ~0.3 ms, not ~3 ms
+    through h5py's point selection. Otherwise (or empty) the dataset itself, read through UsedRows."""
+    offset = vectors.id.get_offset()
+    if count and vectors.chunks is None and vectors.compression is None and offset is not None:
+        return np.memmap(path, vectors.dtype, "r", offset, (count, vectors.shape[1]))
+    return UsedRows(vectors, count)
+
+
 def _write_at(dataset: h5py.Dataset, positions: np.ndarray, values: np.ndarray) -> None:
     """dataset[positions] = values, in ascending order (h5py wants it) and in runs where positions follow on."""
     order = np.argsort(positions)
