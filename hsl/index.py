@@ -53,7 +53,8 @@ class VectorSearch:
                        else "ivf" if n * dims <= IVFPQ_FROM_BYTES else "ivfpq")
         self.backend = backend
         self.ann = self._ivfpq(replace(ivfpq or IVFPQOptions(), nprobe=nprobe)) if backend == "ivfpq" else None
-        self.matrix = _in_memory(self._vectors[:]) if backend == "exact" else None  # [N,D] float32
+        # [N,D] float32 in RAM, read through h5py: through the memory map it would count twice in RSS
+        self.matrix = UsedRows(self._h5["vectors"], len(self.rows))[:] if backend == "exact" else None
         self.faiss_index = None if backend in ("exact", "ivfpq") else self._faiss_index(backend, nprobe, ef_search)
 
     def __len__(self) -> int:
@@ -159,11 +160,6 @@ def _matvec(matrix: np.ndarray, query: np.ndarray) -> np.ndarray:
     if torch is not None:
         return (torch.from_numpy(matrix) @ torch.from_numpy(query)).numpy()
     return matvec(matrix, query)
-
-
-def _in_memory(rows: np.ndarray) -> np.ndarray:
-    """A memory map's rows copied into RAM (the exact search reads them all, every query)."""
-    return np.array(rows) if isinstance(rows, np.memmap) else rows
 
 
 def build_faiss_index(vectors: UsedRows | np.ndarray, backend: str, live: np.ndarray | None = None) -> object:
