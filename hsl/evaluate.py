@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -29,34 +30,55 @@ if TYPE_CHECKING:
 _BLOCK = 256  # queries or gallery images per block: bounds memory of the [Bq, Bi, R] object scores
 
 
-@torch.no_grad()
-def encode_gallery(model: torch.nn.Module, gallery: Products, device: torch.device) -> list:
-    """Image encodings of the whole gallery, one per block of _BLOCK products."""
-    model.eval()
-    blocks = []
-    for start in range(0, len(gallery), _BLOCK):
-        index = torch.arange(start, min(start + _BLOCK, len(gallery)))
-        blocks.append(model.encode_image(*gallery.image_batch(index, device)))
-    return blocks
+_QUERY_BLOCK = 8 * _BLOCK  # queries whose text encodings are held while the gallery streams past them
+QueryBatch = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]  # (start, stop) -> tokens, token mask
+
+
+def in_memory_queries(tokens: torch.Tensor, token_mask: torch.Tensor) -> QueryBatch:
+    return lambda start, stop: (tokens[start:stop], token_mask[start:stop])
+
+
+def title_queries(products: Products) -> QueryBatch:
+    """Each product's own title as a query, read from the store a block at a time when not in memory."""
+    if products.source is None:
+        return in_memory_queries(products.tokens, products.token_mask)
+    return lambda start, stop: products.source.read(np.arange(start, stop), image=False)[2:]
 
 
 @torch.no_grad()
-def score_matrix(model: torch.nn.Module, gallery_blocks: list, tokens: torch.Tensor, token_mask: torch.Tensor,
-                 device: torch.device) -> torch.Tensor:
-    """[Q, N] exact HSL scores of every query against every gallery product."""
+def rank_top(model: torch.nn.Module, gallery: Products, queries: QueryBatch, n_queries: int, device: torch.device,
+             k: int = 10) -> np.ndarray:
+    """[Q, min(k, N)] gallery positions of each query's k best by exact HSL score, best first, ties in
+    store order (hsl/top_k.py). Memory does not grow with the gallery: it is encoded a block at a time
+    (read from the store where it is not in memory) against up to _QUERY_BLOCK queries, keeping only a
+    running top-k; the score tiles are the ones a full [Q, N] matrix would hold, so the ranking is too."""
     model.eval()
-    rows = []
-    for start in range(0, len(tokens), _BLOCK):
-        text = model.encode_text(tokens[start:start + _BLOCK].to(device).float(),
-                                 token_mask[start:start + _BLOCK].to(device))
-        rows.append(torch.cat([model.similarities(text, image).total for image in gallery_blocks], dim=1))
-    return torch.cat(rows, dim=0).cpu()  # [Q,N]
+    k = min(k, len(gallery))
+    out = []
+    for q_start in range(0, n_queries, _QUERY_BLOCK):
+        q_stop = min(q_start + _QUERY_BLOCK, n_queries)
+        texts = []
+        for start in range(q_start, q_stop, _BLOCK):
+            tokens, mask = queries(start, min(start + _BLOCK, q_stop))
+            texts.append(model.encode_text(tokens.to(device).float(), mask.to(device)))
+        best_scores = np.full((q_stop - q_start, 0), -np.inf, np.float32)
+        best = np.zeros((q_stop - q_start, 0), np.int64)
+        for g_start in range(0, len(gallery), _BLOCK):
+            index = torch.arange(g_start, min(g_start + _BLOCK, len(gallery)))
+            image = model.encode_image(*gallery.image_batch(index, device))
+            tile = torch.cat([model.similarities(text, image).total for text in texts]).float().cpu().numpy()
+            top = top_k_rows(tile, k)  # [Bq, <=k] within the tile, ties by position
+            scores = np.concatenate([best_scores, np.take_along_axis(tile, top, axis=1)], axis=1)
+            positions = np.concatenate([best, top + g_start], axis=1)
+            order = np.lexsort((positions, -scores), axis=-1)[:, :k]  # best first, then earlier in the store
+            best_scores, best = np.take_along_axis(scores, order, 1), np.take_along_axis(positions, order, 1)
+        out.append(best)
+    return np.concatenate(out) if out else np.zeros((0, k), np.int64)
 
 
-def rank_products(model: torch.nn.Module, gallery: Products, tokens: torch.Tensor, token_mask: torch.Tensor,
+def rank_products(model: torch.nn.Module, gallery: Products, queries: QueryBatch, n_queries: int,
                   device: torch.device, top_k: int = 10) -> list[list[str]]:
-    scores = score_matrix(model, encode_gallery(model, gallery, device), tokens, token_mask, device)
-    top = top_k_rows(scores.float().numpy(), top_k)  # [Q,k]
+    top = rank_top(model, gallery, queries, n_queries, device, top_k)
     return [[gallery.ids[j] for j in row] for row in top.tolist()]
 
 
@@ -139,15 +161,17 @@ def evaluate(store_path: str | os.PathLike, model_dir: str | os.PathLike, querie
         products = load_products(store, require_text=queries_path is None, region_grid=model.config.region_grid,
                                  in_memory=False)
         max_text_tokens = int(store.meta["max_text_tokens"])
-    gallery = _split_products(products, meta, split).loaded()  # only the scored split's features in memory
+    # The scored split stays in the store (products.source): its features are read a block at a time.
+    gallery = _split_products(products, meta, split)
     k = 10
     by_index = None if backend == "exact" else IndexRanker(store_path, model_dir, gallery, torch_device, precision,
                                                            backend, milvus)
     if queries_path is None:
+        titles = title_queries(gallery)
         if by_index:
-            ranked = [[gallery.ids[j] for j in row] for row in by_index.top(gallery.tokens, gallery.token_mask, k)]
+            ranked = [[gallery.ids[j] for j in row] for row in by_index.top(titles, len(gallery), k)]
         else:
-            ranked = rank_products(model, gallery, gallery.tokens, gallery.token_mask, torch_device, top_k=k)
+            ranked = rank_products(model, gallery, titles, len(gallery), torch_device, top_k=k)
         relevant = [{i} for i in gallery.ids]
         metrics = summarize(ranked, relevant, depth=k)
         query_paths = None if not hierarchy else [_path(gallery, hierarchy, i) for i in range(len(gallery))]
@@ -155,10 +179,9 @@ def evaluate(store_path: str | os.PathLike, model_dir: str | os.PathLike, querie
         queries = read_queries(queries_path)
         tokens, mask = encode_query_texts(meta["backbone"], queries.texts, max_text_tokens, precision)
         if by_index:
-            top = by_index.top(tokens, mask, k)
+            top = by_index.top(in_memory_queries(tokens, mask), len(tokens), k)
         else:
-            scores = score_matrix(model, encode_gallery(model, gallery, torch_device), tokens, mask, torch_device)
-            top = top_k_rows(scores.float().numpy(), k).tolist()
+            top = rank_top(model, gallery, in_memory_queries(tokens, mask), len(tokens), torch_device, k).tolist()
         ranked = [[gallery.ids[j] for j in row] for row in top]
         metrics = {}
         if queries.relevant is not None:
@@ -199,11 +222,12 @@ class IndexRanker:
         self.device = device
 
     @torch.no_grad()
-    def top(self, tokens: torch.Tensor, token_mask: torch.Tensor, k: int) -> list[list[int]]:
+    def top(self, queries: QueryBatch, n_queries: int, k: int) -> list[list[int]]:
         model = self.searcher.model
         rows = []
-        for i in range(len(tokens)):  # one query at a time, as served
-            text = model.encode_text(tokens[i:i + 1].to(self.device).float(), token_mask[i:i + 1].to(self.device))
+        for i in range(n_queries):  # one query at a time, as served
+            tokens, mask = queries(i, i + 1)
+            text = model.encode_text(tokens.to(self.device).float(), mask.to(self.device))
             positions, _ = self.searcher.rank(text, k, self.allowed)
             rows.append(self.gallery_of[positions].tolist())
         return rows

@@ -31,7 +31,7 @@ from .atomic import write_text_atomic
 from .checkpoint import Checkpoint
 from .dataset import Products, Split, feature_bytes, load_products
 from .errors import HSLError, HSLUsageError
-from .evaluate import rank_products
+from .evaluate import rank_products, title_queries
 from .factory import create_model, model_config, save_model
 from .loss_batch import LossBatch
 from .losses import build_losses, losses_need
@@ -67,7 +67,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
 
 def validate(model: torch.nn.Module, products: Products, device: torch.device) -> dict[str, float]:
     """Instance retrieval within the split: each title must find its own photo."""
-    ranked = rank_products(model, products, products.tokens, products.token_mask, device, top_k=10)
+    ranked = rank_products(model, products, title_queries(products), len(products), device, top_k=10)
     relevant = [{i} for i in products.ids]
     return {"R@1": recall_at_k(ranked, relevant, 1), "R@5": recall_at_k(ranked, relevant, 5),
             "R@10": recall_at_k(ranked, relevant, 10), "MRR@10": mrr(ranked, relevant)}

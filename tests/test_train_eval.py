@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -183,3 +184,37 @@ def test_hierarchy_precision_for_attribute_queries(tiny_store: Path, tmp_path: P
     leaf_only.write_text(json.dumps({"query": "red things", "attributes": {"colour": "red"}}) + "\n")
     assert "HP@5" not in evaluate(tiny_store, tmp_path / "m", str(leaf_only), split="all",
                                   hierarchy=["kind", "colour"])["metrics"]
+
+
+def test_streamed_ranking_equals_the_full_score_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hsl eval ranks block by block with a running top-k (memory bounded by the blocks, not the gallery):
+    the same ids, in the same order, as the top 10 of the whole [Q, N] score matrix, ties by position."""
+    from hsl import evaluate as ev
+    from hsl.dataset import Products
+    from hsl.factory import create_model
+    from hsl.top_k import top_k_rows
+
+    monkeypatch.setattr(ev, "_BLOCK", 64)
+    monkeypatch.setattr(ev, "_QUERY_BLOCK", 128)  # 3 passes of queries over 5 blocks of gallery
+    torch.manual_seed(0)
+    model = create_model("hsl-tiny", 32, 24).eval()
+    n, q = 300, 300
+    regions = torch.randn(n, 17, 32).half()
+    tokens = torch.randn(q, 8, 24).half()
+    mask = torch.arange(8)[None] < torch.randint(1, 9, (q, 1))
+    everywhere = torch.ones(n, 17, dtype=torch.bool)
+    with torch.no_grad():  # the product most often first, copied to the last 5 positions: exact ties
+        first = model.similarities(model.encode_text(tokens.float(), mask), model.encode_image(regions.float(),
+                                                                                                  everywhere)).total
+    favourite = int(torch.mode(first.argmax(dim=1)).values)
+    regions[n - 5:] = regions[favourite]
+    gallery = Products([f"p{i}" for i in range(n)], [""] * n, {}, [""] * n, regions, everywhere, None, None)
+    got = ev.rank_top(model, gallery, ev.in_memory_queries(tokens, mask), q, torch.device("cpu"), k=10)
+    with torch.no_grad():
+        image = model.encode_image(regions.float(), everywhere)
+        texts = [model.encode_text(tokens[s:s + 64].float(), mask[s:s + 64]) for s in range(0, q, 64)]
+        scores = torch.cat([model.similarities(text, image).total for text in texts]).numpy()
+    assert np.array_equal(got, top_k_rows(scores, 10))
+    copies = [favourite, *range(n - 5, n)]
+    tied = [[p for p in row if p in copies] for row in got.tolist() if favourite in row]
+    assert tied and all(row == copies[:len(row)] for row in tied)  # the original, then its copies in store order
