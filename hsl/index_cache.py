@@ -81,13 +81,16 @@ def _usable(f: h5py.File, precision: str) -> bool:
 
 
 def refresh_index(store_path: str | os.PathLike, model: Callable[[], HSLModel], model_key: str, precision: str,
-                  progress: Progress = None) -> Path:
+                  progress: Progress = None, store: FeatureStore | None = None) -> Path:
     """Bring the cache up to date: nothing if current, an update of the changed rows if it can be, else a
-    full build. `model` is called only when there is something to encode (it may load torch)."""
+    full build. `model` is called only when there is something to encode (it may load torch); `store`,
+    the store already open (a query then opens it once), else it is opened here."""
     path = index_path(store_path, model_key)
-    with FeatureStore.open(store_path) as store:
-        stamps = store_stamps(store)
-        fingerprint = store_fingerprint(stamps, strings_id(store))
+    if store is None:
+        with FeatureStore.open(store_path) as opened:
+            return refresh_index(store_path, model, model_key, precision, progress, opened)
+    stamps = store_stamps(store)
+    fingerprint = store_fingerprint(stamps, strings_id(store))
     if is_current(path, fingerprint, precision):
         return path
     plan = _update_plan(path, stamps, precision)

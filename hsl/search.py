@@ -168,13 +168,14 @@ class Searcher:
                 self._check_default_model()
             self.config, self.model_meta = read_config(self.model_dir)
             check_backbone(store, self.model_meta, str(self.model_dir))
-        self.model_key = model_hash(self.model_dir)
-        self._model: HSLModel | None = None
-        self._text_encoder = None
-        self._query_text = None
-        self._attributes: AttributeFilter | None = None
-        self._store: FeatureStore | None = None
-        path = refresh_index(self.store_path, lambda: self.model, self.model_key, self.precision.name, progress)
+            self.model_key = model_hash(self.model_dir)
+            self._model: HSLModel | None = None
+            self._text_encoder = None
+            self._query_text = None
+            self._attributes: AttributeFilter | None = None
+            self._store: FeatureStore | None = None
+            path = refresh_index(self.store_path, lambda: self.model, self.model_key, self.precision.name, progress,
+                                 store)  # the store opened once for a query
         if backend == "milvus":  # a Milvus collection that follows the index cache (hsl/milvus.py)
             from .milvus import MilvusSearch
 
