@@ -8,7 +8,8 @@ copy is ~250 bytes a product and stays in the page cache. Caches made before it 
 their hits are read from the store as before.
 
 Layout (in `STORE.h5.index/<model>.h5`): `record_blob` uint8, extendable; `record_start` int64 and
-`record_len` int32 per position (len 0: no record, a dropped position). An update appends the
+`record_len` int32 per position (len 0: no record, a dropped position); `vocabulary`, the catalog's
+words ("\n"-joined UTF-8), which tells a query in another language (hsl/search.py). An update appends the
 changed products' records and repoints their positions; the bytes it leaves behind are dropped by
 the next full build (updates redo at most a quarter of the index, hsl/index_cache.py).
 """
@@ -16,7 +17,8 @@ the next full build (updates redo at most a quarter of the index, hsl/index_cach
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import h5py
@@ -25,6 +27,7 @@ import numpy as np
 from .store import FeatureStore
 
 _BLOCK = 8192  # products whose strings are read and packed at a time
+_WORD = re.compile(r"[^\W\d_]{2,}")  # a word of letters (any script), as shoppers type them
 _CHUNK = 1 << 16  # bytes per HDF5 chunk of the blob: a hit's read touches one or two
 
 
@@ -41,8 +44,12 @@ def has_records(f: h5py.File) -> bool:
 def write(f: h5py.File, store: FeatureStore, rows: np.ndarray, positions: np.ndarray) -> None:
     """Append the records of sorted store `rows` and point index `positions` (one per row) at them."""
     blob, starts, lengths = f["record_blob"], f["record_start"], f["record_len"]
+    # A new blob (nothing written yet) gets the whole catalog's words; an update adds to a vocabulary
+    # only where one exists: a cache made before it would get a part of the catalog's words.
+    keep_words = "vocabulary" in f or blob.shape[0] == 0
+    words = _vocabulary(f)
     for begin in range(0, len(rows), _BLOCK):
-        packed = list(_records(store, rows[begin:begin + _BLOCK]))
+        packed = list(_records(store, rows[begin:begin + _BLOCK], words))
         sizes = np.array([len(p) for p in packed], np.int64)
         offset = blob.shape[0]
         blob.resize(offset + int(sizes.sum()), axis=0)
@@ -51,11 +58,13 @@ def write(f: h5py.File, store: FeatureStore, rows: np.ndarray, positions: np.nda
         order = np.argsort(at)  # h5py writes at increasing positions
         starts[at[order]] = (offset + np.cumsum(sizes) - sizes)[order]
         lengths[at[order]] = sizes[order].astype(np.int32)
+    if keep_words:
+        _write_vocabulary(f, words)
 
 
 def replace_all(f: h5py.File, store: FeatureStore, rows: np.ndarray, positions: np.ndarray) -> None:
     """A new blob for every position (the old one's bytes become free space in the file)."""
-    for name in ("record_blob", "record_start", "record_len"):
+    for name in ("record_blob", "record_start", "record_len", "vocabulary"):
         if name in f:
             del f[name]
     create(f, f["rows"].shape[0])
@@ -67,13 +76,34 @@ def drop(f: h5py.File, positions: np.ndarray) -> None:
         f["record_len"][np.sort(positions)] = 0
 
 
-def _records(store: FeatureStore, rows: np.ndarray) -> Iterator[bytes]:
+def _records(store: FeatureStore, rows: np.ndarray, words: set[str]) -> Iterator[bytes]:
+    """Each row's record; the words of its title and attributes go into `words`."""
     ids, texts, images = (store.strings(name, rows) for name in ("ids", "texts", "images"))
     attributes = store.attributes(rows)
+    words.update(catalog_words(texts))
+    for values in attributes.values():
+        words.update(catalog_words(set(values)))
     for i in range(len(rows)):
         record = {"id": ids[i], "image": images[i], "text": texts[i],
                   "attributes": {c: values[i] for c, values in attributes.items()}}
         yield json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def catalog_words(texts: Iterable[str]) -> set[str]:
+    return {word for text in texts for word in _WORD.findall(text.lower())}
+
+
+def _vocabulary(f: h5py.File) -> set[str]:
+    """The words of every title and attribute value the records hold (a superset after updates)."""
+    if "vocabulary" not in f:
+        return set()
+    return set(f["vocabulary"][:].tobytes().decode("utf-8").split("\n")) - {""}
+
+
+def _write_vocabulary(f: h5py.File, words: set[str]) -> None:
+    if "vocabulary" in f:
+        del f["vocabulary"]
+    f.create_dataset("vocabulary", data=np.frombuffer("\n".join(sorted(words)).encode("utf-8"), np.uint8))
 
 
 class HitRecords:
@@ -92,6 +122,14 @@ class HitRecords:
             return None  # a position without a record (the caller reads the store instead)
         return [json.loads(self._blob[s:s + n].tobytes())
                 for s, n in zip(self.starts[positions].tolist(), self.lengths[positions].tolist(), strict=True)]
+
+    def vocabulary(self) -> set[str] | None:
+        """The catalog's words (titles and attribute values), lower case; None for a cache without them."""
+        if not self.available or "vocabulary" not in self._f:
+            return None
+        if not hasattr(self, "_words"):
+            self._words = _vocabulary(self._f)
+        return self._words
 
     def close(self) -> None:
         self._f.close()

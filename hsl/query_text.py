@@ -76,6 +76,13 @@ class MiniLMText:
         self.tokenizer.enable_truncation(max_length=max_length)
         self.tokenizer.no_padding()  # the package's tokenizer.json pads to 128; one text needs none
 
+    @property
+    def vocabulary(self) -> dict[str, int]:
+        """The tokenizer's word pieces (lower case: the model is uncased)."""
+        if not hasattr(self, "_vocabulary"):
+            self._vocabulary = self.tokenizer.get_vocab()
+        return self._vocabulary
+
     def __call__(self, text: str) -> np.ndarray:
         w = self.weights
         ids = np.array(self.tokenizer.encode(text).ids)
@@ -139,6 +146,18 @@ class QueryText:
         x = _layer_norm(x + _linear(attended, w, p + "self_attn.out_proj"), w, p + "norm1", 1e-5)
         inner = np.maximum(_linear(x, w, p + "linear1"), 0.0)
         return _layer_norm(x + _linear(inner, w, p + "linear2"), w, p + "norm2", 1e-5)
+
+
+def unfamiliar_words(text: str, english: set[str] | dict, catalog: set[str] | None) -> list[str]:
+    """The query's words that are neither a whole word of the text model's (English) vocabulary nor a word
+    of the catalog; [] unless they are most of its words. all-MiniLM-L6-v2 learned English: a query in
+    Spanish ("vestido rojo") or Russian reaches it as word pieces and finds unrelated products; a
+    catalog's own words (brands, "kurta") are known to the trained model whatever the vocabulary says."""
+    from .hit_records import catalog_words
+
+    words = sorted(catalog_words([text]), key=text.lower().find)
+    unknown = [w for w in words if w not in english and (catalog is None or w not in catalog)]
+    return unknown if 2 * len(unknown) > len(words) else []
 
 
 def supports(backbone: str, device: str) -> bool:

@@ -26,6 +26,7 @@ from .index_cache import refresh_index
 from .model_files import check_backbone, model_hash, read_config
 from .options import EF_SEARCH, NPROBE, RERANK_POOL, TOP_K
 from .precision import resolve_precision
+from .query_text import unfamiliar_words
 from .store import FeatureStore
 
 if TYPE_CHECKING:
@@ -235,6 +236,18 @@ class Searcher:
             text_enc = self.model.encode_text(*self._encode_query(text))
             return self.model.query_vectors(text_enc)[0].cpu().numpy(), text_enc
 
+    def language_warnings(self, text: str) -> list[str]:
+        """A warning when most of the query's words are unknown to the English text model and to the catalog."""
+        if self._query_text is None:  # other text towers (OpenCLIP, tiny): no vocabulary to judge by
+            return []
+        catalog = self.records.vocabulary()  # None: a cache made before it (then only the model's words count)
+        unknown = unfamiliar_words(text, self._query_text.encoder.vocabulary, catalog)
+        if not unknown:
+            return []
+        where = "" if catalog is None else ", nor words of this catalog's titles"
+        return [f"{', '.join(unknown[:5])}: not English words the text model (all-MiniLM-L6-v2) knows{where}; "
+                "it reads English, so results may be unrelated: try the query in English"]
+
     def _encode_query(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         from .masks import token_mask  # torch: only a query that runs the torch text side imports it
 
@@ -268,6 +281,7 @@ class Searcher:
             raise HSLUsageError(f"`top_k` must be at least 1, got {top_k}", "top_k", top_k)
         text, warnings = clean_query(query)
         q, text_enc = self.query_vector(text)
+        warnings += self.language_warnings(text)
         allowed = self._attribute_mask(where) if where else None
         positions, scores = self.rank(text_enc, top_k, allowed, self.engine_filter(where), query_vector=q)
         return SearchResult(text, self.hits(positions, scores), warnings)

@@ -105,3 +105,28 @@ def _fp32_query_vector(searcher: Searcher, text: str) -> np.ndarray:
     with torch.no_grad():
         encoding = searcher.model.encode_text(*searcher._encode_query(text))
         return searcher.model.query_vectors(encoding)[0].numpy()
+
+
+def test_unfamiliar_words_are_most_words_unknown_to_the_model_and_the_catalog() -> None:
+    from hsl.query_text import unfamiliar_words
+
+    english = {"red", "summer", "dress", "blue", "robe", "rouge", "nike"}
+    catalog = {"kurta", "adidas", "dress"}
+    assert unfamiliar_words("red summer dress", english, catalog) == []
+    assert unfamiliar_words("Vestido rojo de verano", english, catalog) == ["vestido", "rojo", "de", "verano"]
+    assert unfamiliar_words("красное платье", english, catalog) == ["красное", "платье"]
+    assert unfamiliar_words("adidas kurta", english, catalog) == []  # the catalog's own words are known
+    assert unfamiliar_words("blue sommerkleid", english, catalog) == []  # half known: no warning
+    assert unfamiliar_words("42 / 10", english, catalog) == []  # no words, nothing to judge
+
+
+def test_a_query_in_another_language_gets_a_warning(tmp_path: Path) -> None:
+    store = tmp_path / "shop.h5"
+    synthetic_store(store, 30, backbone="minilm-effnet")
+    save_model(create_model("hsl-default", 1280, 384), tmp_path / "m", {"backbone": "minilm-effnet"})
+    searcher = Searcher(store, tmp_path / "m")
+    assert searcher.records.vocabulary() >= {"synthetic", "product"}
+    assert searcher.search("synthetic product 7").warnings == []
+    warned = searcher.search("vestido rojo de verano").warnings
+    assert len(warned) == 1 and warned[0].startswith("vestido, rojo, verano: not English words")  # "de" is one
+    assert len(searcher.search("vestido rojo de verano").hits) == 10  # a warning, not a refusal
