@@ -27,7 +27,7 @@ from .store_lock import writing
 # May differ between stores that merge: the columns are joined, the version is only a note.
 # Free to differ: the merged file takes the union of the columns, and is written in the newest schema
 # (rows of a schema 1 input are converted to codes as they are copied: hsl/store.py).
-_FREE_META = ("attribute_columns", "hsl_version", "schema_version")
+_FREE_META = ("attribute_columns", "hsl_version", "schema_version", "strings_id")  # strings_id: per build
 
 
 @dataclass
