@@ -44,7 +44,9 @@ class VectorSearch:
         self.path = path
         self._h5 = h5py.File(path, "r")
         self.rows = cache_rows(self._h5)  # [N] store row of each position; -1: dropped by an update
-        self._vectors = mapped_rows(self._h5["vectors"], len(self.rows), path)
+        self._vectors = UsedRows(self._h5["vectors"], len(self.rows))  # builds read blocks through h5py
+        # a query's candidate rows, through a memory map: read whole, the map would count 4 GB at 1M in RSS
+        self._candidates = mapped_rows(self._h5["vectors"], len(self.rows), path)
         self.generation = int(self._h5.attrs.get("generation", 0))
         self.live = None if (self.rows >= 0).all() else self.rows >= 0  # None: every position is a product
         n, dims = self._vectors.shape
@@ -53,8 +55,7 @@ class VectorSearch:
                        else "ivf" if n * dims <= IVFPQ_FROM_BYTES else "ivfpq")
         self.backend = backend
         self.ann = self._ivfpq(replace(ivfpq or IVFPQOptions(), nprobe=nprobe)) if backend == "ivfpq" else None
-        # [N,D] float32 in RAM, read through h5py: through the memory map it would count twice in RSS
-        self.matrix = UsedRows(self._h5["vectors"], len(self.rows))[:] if backend == "exact" else None
+        self.matrix = self._vectors[:] if backend == "exact" else None  # [N,D] float32
         self.faiss_index = None if backend in ("exact", "ivfpq") else self._faiss_index(backend, nprobe, ef_search)
 
     def __len__(self) -> int:
@@ -142,7 +143,7 @@ class VectorSearch:
         pool = k if self.exact else max(k, RERANK_POOL)
         _, found = self.faiss_index.search(query[None].astype(np.float32), pool, params=params)
         found = found[0][found[0] >= 0]
-        exact = read_rows(self._vectors, found) @ query  # float32 vectors from disk: the scores are exact again
+        exact = read_rows(self._candidates, found) @ query  # float32 vectors from disk: the scores are exact again
         return (found, exact) if self.exact else best_exact(found, exact, k)
 
     def close(self) -> None:
@@ -162,7 +163,7 @@ def _matvec(matrix: np.ndarray, query: np.ndarray) -> np.ndarray:
     return matvec(matrix, query)
 
 
-def build_faiss_index(vectors: UsedRows | np.ndarray, backend: str, live: np.ndarray | None = None) -> object:
+def build_faiss_index(vectors: UsedRows, backend: str, live: np.ndarray | None = None) -> object:
     """faiss index over the stored vectors, added block by block (never all float32 vectors at once).
     IVF holds only the `live` positions (ids = positions), so it needs no filter for dropped ones."""
     import faiss
