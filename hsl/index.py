@@ -18,7 +18,7 @@ import numpy as np
 
 from .ann import IVFPQOptions, ShardedIVFPQ, best_exact, build, matvec, read_rows, write_index
 from .errors import HSLUsageError
-from .index_cache import UsedRows, cache_rows, mapped_rows
+from .index_cache import RowReader, UsedRows, cache_rows, candidate_rows
 from .options import EF_SEARCH, NPROBE, RERANK_POOL
 from .top_k import top_k
 
@@ -45,8 +45,7 @@ class VectorSearch:
         self._h5 = h5py.File(path, "r")
         self.rows = cache_rows(self._h5)  # [N] store row of each position; -1: dropped by an update
         self._vectors = UsedRows(self._h5["vectors"], len(self.rows))  # builds read blocks through h5py
-        # a query's candidate rows, through a memory map: read whole, the map would count 4 GB at 1M in RSS
-        self._candidates = mapped_rows(self._h5["vectors"], len(self.rows), path)
+        self._candidates = candidate_rows(self._h5["vectors"], len(self.rows), path)  # a query's few rows
         self.generation = int(self._h5.attrs.get("generation", 0))
         self.live = None if (self.rows >= 0).all() else self.rows >= 0  # None: every position is a product
         n, dims = self._vectors.shape
@@ -149,6 +148,8 @@ class VectorSearch:
     def close(self) -> None:
         if self.ann is not None:
             self.ann.close()
+        if isinstance(self._candidates, RowReader):
+            self._candidates.close()
         self._h5.close()
 
 

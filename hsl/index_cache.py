@@ -249,13 +249,34 @@ class UsedRows:
         return self.vectors[key]
 
 
-def mapped_rows(vectors: h5py.Dataset, count: int, path: Path) -> np.ndarray | UsedRows:
-    """The used rows as a read-only memory map where the dataset is contiguous and uncompressed (as
-    build_index writes it): a query's 200 candidates then come from the page cache in ~0.3 ms, not ~3 ms
-    through h5py's point selection. Otherwise (or empty) the dataset itself, read through UsedRows."""
-    offset = vectors.id.get_offset()
-    if count and vectors.chunks is None and vectors.compression is None and offset is not None:
-        return np.memmap(path, vectors.dtype, "r", offset, (count, vectors.shape[1]))
+class RowReader:
+    """A few rows of a contiguous, uncompressed `vectors` dataset (as build_index writes it), one `pread`
+    each: a query's 200 candidates in ~0.5 ms instead of ~3 ms through h5py's point selection. Not a
+    memory map: the kernel maps the cached pages around each touched row too, and at 1M products a
+    few hundred queries made the process's RSS show 3.3 GB of a 4 GB file."""
+
+    def __init__(self, vectors: h5py.Dataset, count: int, path: Path) -> None:
+        self.shape, self.dtype = (count, vectors.shape[1]), vectors.dtype
+        self._offset, self._row = vectors.id.get_offset(), vectors.shape[1] * vectors.dtype.itemsize
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, positions: np.ndarray) -> np.ndarray:
+        out = np.empty((len(positions), self.shape[1]), self.dtype)
+        for i, position in enumerate(np.asarray(positions, np.int64).tolist()):
+            out[i] = np.frombuffer(os.pread(self._fd, self._row, self._offset + position * self._row), self.dtype)
+        return out
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def candidate_rows(vectors: h5py.Dataset, count: int, path: Path) -> RowReader | UsedRows:
+    """Where a query reads its candidates' rows: RowReader when the dataset allows it, else the dataset."""
+    if count and vectors.chunks is None and vectors.compression is None and vectors.id.get_offset() is not None:
+        return RowReader(vectors, count, path)
     return UsedRows(vectors, count)
 
 
