@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from hsl.options import TrainOptions
+from hsl.options import DEVICE, EVAL_BACKEND, EVAL_SPLIT, MILVUS_INDEX, PRECISION, TrainOptions
 
 from .app import app
 from .options import (
@@ -93,13 +93,13 @@ def evaluate(
     = None,
     answers: Annotated[Path | None, typer.Option(help="KDD Cup 2020 answer JSON (query id -> product ids): each "
                                                  "query ranks only its own pool; official NDCG@5.")] = None,
-    split: Annotated[str, typer.Option(help="auto (the model's test split), all, train, val or test.")] = "auto",
+    split: Annotated[str, typer.Option(help="auto (the model's test split), all, train, val or test.")] = EVAL_SPLIT,
     hierarchy: Annotated[str | None, typer.Option(help="Category columns, root first, for HP@K.")] = None,
-    backend: BackendOption = "exact",
+    backend: BackendOption = EVAL_BACKEND,
     milvus_uri: MilvusUriOption = None,
-    milvus_index: MilvusIndexOption = "auto",
-    device: DeviceOption = "cpu",
-    precision: PrecisionOption = "auto",
+    milvus_index: MilvusIndexOption = MILVUS_INDEX,
+    device: DeviceOption = DEVICE,
+    precision: PrecisionOption = PRECISION,
     json_output: JsonOption = False,
 ) -> None:
     """Score a trained model: Recall@K, MRR@10, mAP@10, P@K, NDCG@5 (KDD Cup 2020), graded NDCG@10, HP@K."""

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from hsl.options import EF_SEARCH, NPROBE, TOP_K, IVFPQOptions
+from hsl.options import DEVICE, EF_SEARCH, MILVUS_INDEX, NPROBE, PRECISION, SEARCH_BACKEND, TOP_K, IVFPQOptions
 
 from .app import app
 from .options import (
@@ -56,7 +56,7 @@ def query(
     where: Annotated[list[str] | None, typer.Option(help="Filter: COLUMN=VALUE (repeatable).")] = None,
     queries: Annotated[str | None, typer.Option(help="A file of queries, one per line ('-': stdin).")] = None,
     html: Annotated[Path | None, typer.Option(help="Also write a self-contained HTML page of the results.")] = None,
-    backend: BackendOption = "auto",
+    backend: BackendOption = SEARCH_BACKEND,
     nprobe: NprobeOption = NPROBE,
     ef_search: EfSearchOption = EF_SEARCH,
     nlist: NlistOption = IVFPQOptions.nlist,
@@ -65,9 +65,9 @@ def query(
     rerank: RerankOption = IVFPQOptions.rerank,
     shards: ShardsOption = IVFPQOptions.shards,
     milvus_uri: MilvusUriOption = None,
-    milvus_index: MilvusIndexOption = "auto",
-    device: DeviceOption = "cpu",
-    precision: PrecisionOption = "auto",
+    milvus_index: MilvusIndexOption = MILVUS_INDEX,
+    device: DeviceOption = DEVICE,
+    precision: PrecisionOption = PRECISION,
     quiet: QuietOption = False,
     json_output: JsonOption = False,
 ) -> None:
@@ -165,15 +165,15 @@ def _print_table(result: object) -> None:
 def index(
     store: StoreOption = Path("catalog.h5"),
     model: ModelOrDefaultOption = None,
-    backend: BackendOption = "auto",
+    backend: BackendOption = SEARCH_BACKEND,
     nlist: NlistOption = IVFPQOptions.nlist,
     pq_m: PqMOption = IVFPQOptions.m,
     pca_dim: PcaDimOption = IVFPQOptions.dim,
     shards: ShardsOption = IVFPQOptions.shards,
     milvus_uri: MilvusUriOption = None,
-    milvus_index: MilvusIndexOption = "auto",
-    device: DeviceOption = "cpu",
-    precision: PrecisionOption = "auto",
+    milvus_index: MilvusIndexOption = MILVUS_INDEX,
+    device: DeviceOption = DEVICE,
+    precision: PrecisionOption = PRECISION,
     quiet: QuietOption = False,
     json_output: JsonOption = False,
 ) -> None:

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from hsl.options import DEVICE, MILVUS_INDEX, PRECISION, SEARCH_BACKEND
+
 from .app import app
 from .options import (
     BackendOption,
@@ -29,11 +31,11 @@ def serve(
     model: ModelOrDefaultOption = None,
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port).")] = 8000,
-    backend: BackendOption = "auto",
+    backend: BackendOption = SEARCH_BACKEND,
     milvus_uri: MilvusUriOption = None,
-    milvus_index: MilvusIndexOption = "auto",
-    device: DeviceOption = "cpu",
-    precision: PrecisionOption = "auto",
+    milvus_index: MilvusIndexOption = MILVUS_INDEX,
+    device: DeviceOption = DEVICE,
+    precision: PrecisionOption = PRECISION,
     quiet: QuietOption = False,
 ) -> None:
     """Serve a search page at / and a JSON API (OpenAPI at /docs) until Ctrl-C."""

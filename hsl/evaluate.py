@@ -21,6 +21,7 @@ from .errors import HSLError, HSLUsageError, os_error_message
 from .masks import token_mask
 from .metrics import graded_ndcg_at_k, hierarchical_precision_at_k, summarize
 from .model_files import check_backbone
+from .options import DEVICE, EVAL_BACKEND, EVAL_SPLIT, PRECISION
 from .precision import resolve_precision
 from .top_k import top_k_rows
 
@@ -131,8 +132,8 @@ def attribute_gains(gallery: Products, wanted: dict[str, str]) -> np.ndarray:
 
 
 def evaluate(store_path: str | os.PathLike, model_dir: str | os.PathLike, queries_path: str | None = None,
-             split: str = "auto", hierarchy: list[str] | None = None, device: str = "cpu",
-             answers_path: str | None = None, precision: str = "auto", backend: str = "exact",
+             split: str = EVAL_SPLIT, hierarchy: list[str] | None = None, device: str = DEVICE,
+             answers_path: str | None = None, precision: str = PRECISION, backend: str = EVAL_BACKEND,
              milvus: MilvusOptions | None = None) -> dict:
     """Metrics of a trained model on a store; see the module docstring for the query kinds.
 

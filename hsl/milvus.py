@@ -39,7 +39,7 @@ import numpy as np
 from .ann import best_exact, read_rows
 from .errors import HSLError, HSLUsageError
 from .index_cache import UsedRows, cache_rows
-from .options import EF_SEARCH, NPROBE, RERANK_POOL
+from .options import EF_SEARCH, MILVUS_INDEX, NPROBE, RERANK_POOL
 
 INDEX_TYPES = ("auto", "HNSW", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "DISKANN", "FLAT")
 STATE_COLLECTION = "hsl_sync_state"
@@ -68,7 +68,7 @@ class MilvusOptions:
     """Where Milvus is and which index the collection gets. `uri` None: Milvus Lite in STORE.h5.index/."""
 
     uri: str | None = None
-    index: str = "auto"  # auto = HNSW (M 16, efConstruction 200); FLAT = exhaustive
+    index: str = MILVUS_INDEX  # auto = HNSW (M 16, efConstruction 200); FLAT = exhaustive
     nprobe: int = NPROBE  # IVF_*: lists visited per query
     ef_search: int = EF_SEARCH  # HNSW: candidate list (at least the re-rank pool)
     connect_timeout: float = 10.0

@@ -20,6 +20,13 @@ EF_SEARCH = 128  # hnsw: candidate list size per query
 # hnsw, Milvus) or with HSLModel.similarities (AGG = max | topk, where the inner product is only a part):
 # max(k, RERANK_POOL). One pool for all, so the backends trade the same recall for the same work.
 RERANK_POOL = 200
+# String defaults shared by the library's search, serve and eval functions and the CLI's options.
+DEVICE = "cpu"  # query, index, serve, eval, train: the CPU unless asked (extraction's own is "auto")
+PRECISION = "auto"  # hsl/precision.py: the fastest measured on the device
+SEARCH_BACKEND = "auto"  # hsl/index.py: exact, then ivf, then ivfpq as the catalog grows
+EVAL_BACKEND = "exact"  # hsl eval scores every gallery product unless asked to go through an index
+EVAL_SPLIT = "auto"  # the model's test split when it has one, else all
+MILVUS_INDEX = "auto"  # hsl/milvus.py: HNSW for a new collection
 
 
 @dataclass
@@ -31,7 +38,7 @@ class TrainOptions:
     val_fraction: float = 0.1
     test_fraction: float = 0.15  # a fixed, seed-independent hold-out that training never sees
     seed: int = 0
-    device: str = "cpu"
+    device: str = DEVICE
     resume: bool = False
     precision: str = "auto"  # of the towers' forward passes; auto: the fastest on the device (hsl/precision.py)
     max_products: int | None = None  # train on a seeded sample of this many training products (None: all)

@@ -24,7 +24,7 @@ from .hit_records import HitRecords
 from .index import VectorSearch
 from .index_cache import refresh_index
 from .model_files import check_backbone, model_hash, read_config
-from .options import EF_SEARCH, NPROBE, RERANK_POOL, TOP_K
+from .options import DEVICE, EF_SEARCH, NPROBE, PRECISION, RERANK_POOL, SEARCH_BACKEND, TOP_K
 from .precision import resolve_precision
 from .query_text import unfamiliar_words
 from .store import FeatureStore
@@ -155,9 +155,9 @@ class Searcher:
     strings, loaded once; `hsl query` and `hsl serve` answer every query through one."""
 
     def __init__(self, store_path: str | os.PathLike, model_dir: str | os.PathLike | None = None,
-                 device: str = "cpu", progress: Callable[[int, int], None] | None = None,
-                 backend: str = "auto", nprobe: int = NPROBE, ef_search: int = EF_SEARCH,
-                 ivfpq: IVFPQOptions | None = None, precision: str = "auto", keep_strings: bool = False,
+                 device: str = DEVICE, progress: Callable[[int, int], None] | None = None,
+                 backend: str = SEARCH_BACKEND, nprobe: int = NPROBE, ef_search: int = EF_SEARCH,
+                 ivfpq: IVFPQOptions | None = None, precision: str = PRECISION, keep_strings: bool = False,
                  milvus: MilvusOptions | None = None) -> None:
         self.store_path = Path(store_path)
         self.device = _resolve_device(device)  # before any work: a missing GPU is one clear line, not a traceback

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .errors import HSLError, HSLUsageError
-from .options import TOP_K
+from .options import DEVICE, PRECISION, SEARCH_BACKEND, TOP_K
 from .search import Hit, Searcher, SearchResult, clean_query
 
 if TYPE_CHECKING:
@@ -62,9 +62,9 @@ class Catalog:
     """A Searcher plus the catalog's strings in memory, safe to call from many threads."""
 
     def __init__(self, store_path: str | os.PathLike, model_dir: str | os.PathLike | None = None, *,
-                 device: str = "cpu", backend: str = "auto", progress: Callable[[int, int], None] | None = None,
-                 max_parallel: int | None = None, precision: str = "auto", milvus: MilvusOptions | None = None
-                 ) -> None:
+                 device: str = DEVICE, backend: str = SEARCH_BACKEND,
+                 progress: Callable[[int, int], None] | None = None, max_parallel: int | None = None,
+                 precision: str = PRECISION, milvus: MilvusOptions | None = None) -> None:
         self.searcher = Searcher(store_path, model_dir, device=device, progress=progress, backend=backend,
                                  precision=precision, keep_strings=True, milvus=milvus)
         strings = self.searcher.strings  # one copy of the catalog's strings and its attribute filter
