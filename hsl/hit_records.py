@@ -47,7 +47,7 @@ def write(f: h5py.File, store: FeatureStore, rows: np.ndarray, positions: np.nda
     # A new blob (nothing written yet) gets the whole catalog's words; an update adds to a vocabulary
     # only where one exists: a cache made before it would get a part of the catalog's words.
     keep_words = "vocabulary" in f or blob.shape[0] == 0
-    words = _vocabulary(f)
+    words = _vocabulary(f) if keep_words else set()  # collected, then dropped, where none is kept
     for begin in range(0, len(rows), _BLOCK):
         packed = list(_records(store, rows[begin:begin + _BLOCK], words))
         sizes = np.array([len(p) for p in packed], np.int64)

@@ -219,10 +219,10 @@ def _update_records(f: h5py.File, store: FeatureStore, plan: _Plan) -> None:
     whole store, so rewriting every record is work in proportion to it), or once for a cache made
     before the records existed."""
     if not hit_records.has_records(f) or f.attrs.get("strings_id", "") != strings_id(store):
-        live = np.flatnonzero(f["rows"][:] >= 0)
-        rows = f["rows"][:][live]
-        order = np.argsort(rows)
-        hit_records.replace_all(f, store, rows[order], live[order])
+        rows = cache_rows(f)
+        live = np.flatnonzero(rows >= 0)
+        order = np.argsort(rows[live])
+        hit_records.replace_all(f, store, rows[live][order], live[order])
         f.attrs["strings_id"] = strings_id(store)
         return
     hit_records.write(f, store, plan.encode, plan.positions)
