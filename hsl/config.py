@@ -20,8 +20,11 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 GRANULARITIES = ("object", "image")
 AGGREGATIONS = ("mean", "max", "topk")
 # Official HSL code (parser.py): Adam 2e-4, StepLR gamma 0.9 every epoch, grad-norm clip 2.0, batch 256.
+# group_column / group_size: hard-negative batches of runs of one attribute value (hsl/batches.py); "" = random.
+# text_columns / text_weight: training queries written from these attribute columns beside the titles, and
+# the weight of their loss (hsl/attribute_texts.py); [] = titles only.
 DEFAULT_TRAINING = {"lr": 2e-4, "lr_decay": 0.9, "grad_clip": 2.0, "batch_size": 256, "epochs": 10,
-                    "weight_decay": 0.0}
+                    "weight_decay": 0.0, "group_column": "", "group_size": 0, "text_columns": [], "text_weight": 0.5}
 
 
 def _check_number(where: str, key: str, value: Any, positive: bool = False) -> None:
@@ -133,7 +136,7 @@ class ModelConfig:
     # and, with unnormalised queries, only sets the starting temperature: |q| can still grow or shrink.
     logit_scale: float = 10.0
     losses: dict[str, float] = field(default_factory=lambda: {"hsl": 1.0})  # loss name -> weight
-    training: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TRAINING))
+    training: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_TRAINING))
     hsl: HSLLossConfig | None = None  # settings of the "hsl" loss; None: it trains the model's granularities
     sgml: SGMLConfig | None = None  # settings of the "sgml" loss; defaults when the loss is named without them
     huse: HUSEConfig | None = None  # settings of the "huse" loss; needed when the loss is named

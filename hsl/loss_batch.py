@@ -29,6 +29,8 @@ class LossBatch:
     labels: dict[str, torch.Tensor] = field(default_factory=dict)  # column -> [B] long value index, -1 = missing
     index_vectors: torch.Tensor | None = None  # [B,D_idx] HSLModel.index_vectors(image)
     query_vectors: torch.Tensor | None = None  # [B,D_idx] HSLModel.query_vectors(text)
+    # [B,B] bool, True where image j also matches text i (j != i); None: from `keys` (hsl/attribute_texts.py)
+    false_negatives: torch.Tensor | None = None
 
 
 def loss_embeddings(batch: LossBatch, which: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,7 +63,8 @@ class HSLLoss(nn.Module):
                     if scores.shape != (len(keys), len(keys)):
                         raise HSLUsageError(f"HSLLoss needs square [B,B] scores for B={len(keys)} keys, "
                                             f"got {tuple(scores.shape)}")
-                    false_negatives = false_negative_mask(keys.to(scores.device))  # [B,B]
+                    false_negatives = (batch.false_negatives.to(scores.device) if batch.false_negatives is not None
+                                       else false_negative_mask(keys.to(scores.device)))  # [B,B]
                     loss = loss.to(scores.device)
                 loss = loss + weight * in_batch_cross_entropy(self.logit_scale * scores, false_negatives)
         return loss

@@ -28,13 +28,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__, distributed
 from .atomic import write_text_atomic
+from .attribute_texts import AttributeTexts
+from .batches import epoch_batches
 from .checkpoint import Checkpoint
 from .dataset import Products, Split, feature_bytes, load_products
 from .errors import HSLError, HSLUsageError
 from .evaluate import rank_products, title_queries
 from .factory import create_model, model_config, save_model
 from .loss_batch import LossBatch
-from .losses import build_losses, losses_need
+from .losses import HSLLoss, build_losses, hsl_granularities, losses_need
 from .metrics import current_names, mrr, recall_at_k
 from .model import ImageEncoding, TextEncoding
 from .objectives import build_context, encode_labels, head_parameters, heads_state, load_heads_state, save_heads
@@ -117,6 +119,9 @@ class Trainer:
             self.towers = DistributedDataParallel(self.towers, device_ids=[self.device.index]
                                                   if self.device.type == "cuda" else None)
         self.keys = self.train_set.title_keys()
+        self.groups = _group_values(self.train_set, str(self.settings.get("group_column", "")))
+        self.record["batches"] = f"runs of {self.settings['group_column']}" if self.groups else "random"
+        self.texts = self._attribute_texts()
 
     def _load_data(self, store_path: str | os.PathLike) -> None:
         """The split's training set (in memory when it fits, else streamed) and validation set."""
@@ -159,6 +164,20 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.params, lr=self.lr, weight_decay=self.settings.get("weight_decay", 0.0))
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1, gamma=self.settings["lr_decay"])
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.needs_grad_scaling)
+
+    def _attribute_texts(self) -> AttributeTexts | None:
+        """The training queries written from attribute columns, encoded once; None for titles alone."""
+        columns = list(self.settings.get("text_columns") or [])
+        if not columns or not self.settings.get("text_weight"):
+            return None
+        texts = AttributeTexts(self.train_set.attributes, columns, self.store_meta["backbone"],
+                               self.store_meta["max_text_tokens"], self.options.precision)
+        self.record["attribute_texts"] = {"columns": texts.columns, "texts": len(texts.tokens)}
+        if not texts:
+            return None
+        self.text_loss = HSLLoss(self.config.level_weights, hsl_granularities(self.model.config),
+                                 self.config.logit_scale)
+        return texts
 
     def _resume(self) -> int:
         """Load the last checkpoint and the record up to its epoch; the epoch to start from."""
@@ -211,10 +230,11 @@ class Trainer:
         # Every rank draws the same global order; dropout differs per rank (rank 0 draws as one process does).
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         torch.manual_seed(seed * 100_003 + epoch + 1_000_003 * me.rank)  # dropout: the same masks after a resume
-        order = torch.randperm(len(self.train_set), generator=generator)
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches = epoch_batches(len(self.train_set), self.batch_size, generator, self.groups,
+                                int(self.settings.get("group_size", 0)))
         # A batch of one has no negatives; one smaller than the number of ranks would leave a rank idle.
         batches = [b for b in batches if len(b) > 1 and len(b) >= me.world]
+        self.text_draws = torch.Generator().manual_seed(seed * 100_003 + epoch + 7)  # every rank the same
         total = 0.0
         for step, index in enumerate(batches):
             loss = self._step(index)
@@ -229,7 +249,12 @@ class Trainer:
         part = distributed.share(len(index), self.me)  # this rank's share of the global batch
         mine = index[part.start:part.stop]
         model, device = self.model, self.device
-        text, image = self.towers(*self.train_set.image_batch(mine, device), *self.train_set.text_batch(mine, device))
+        extra, extra_negatives = (), None
+        if self.texts is not None:
+            tokens, mask, extra_negatives = self.texts.draw(index, self.text_draws)
+            extra = (tokens[part.start:part.stop].to(device), mask[part.start:part.stop].to(device))
+        text, image, *shopper = self.towers(*self.train_set.image_batch(mine, device),
+                                            *self.train_set.text_batch(mine, device), *extra)
         text, image = _gather(text, image, self.me)
         needs = self.needs
         batch = LossBatch(self.keys[index].to(device), model.similarities(text, image) if needs.granularities else None,
@@ -237,6 +262,10 @@ class Trainer:
                           model.index_vectors(image) if needs.vectors else None,
                           model.query_vectors(text) if needs.vectors else None)
         loss = sum(weight * self.losses[name](batch) for name, weight in model.config.losses.items())
+        if shopper:
+            loss = loss + self.settings["text_weight"] * self.text_loss(
+                LossBatch(batch.keys, model.similarities(_gather_text(shopper[0], self.me), image),
+                          false_negatives=extra_negatives.to(device)))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # a pass-through unless fp16 (Precision.needs_grad_scaling)
         self.scaler.unscale_(self.optimizer)  # clip the true gradients
@@ -266,6 +295,15 @@ class Trainer:
                        {"epoch": epoch + 1, "scheduler": self.scheduler.state_dict(), "args": self.args,
                         "grad_scaler": self.scaler.state_dict()})  # {} unless fp16
         return entry
+
+
+def _group_values(products: Products, column: str) -> list[str] | None:
+    """Each training product's value of the hard-negative column (hsl/batches.py); None: random batches
+    (no column set, or a store without it: the shipped config names articleType, which a shop's own
+    store may not have; the training record says which batches were used)."""
+    if not column or column not in products.attributes:
+        return None
+    return products.attributes[column]
 
 
 def _better(entry: dict, best: dict | None) -> bool:
@@ -319,9 +357,14 @@ class _Towers(nn.Module):
         self.model = model
 
     def forward(self, regions: torch.Tensor, region_mask: torch.Tensor, tokens: torch.Tensor,
-                token_mask: torch.Tensor) -> tuple[TextEncoding, ImageEncoding]:
+                token_mask: torch.Tensor, extra_tokens: torch.Tensor | None = None,
+                extra_mask: torch.Tensor | None = None) -> tuple:
+        """(text, image) encodings, and the attribute texts' encoding after them when given."""
         image = self.model.encode_image(regions, region_mask)  # image first: the dropout draws of one process
-        return self.model.encode_text(tokens, token_mask), image
+        text = self.model.encode_text(tokens, token_mask)
+        if extra_tokens is None:
+            return text, image
+        return text, image, self.model.encode_text(extra_tokens, extra_mask)
 
 
 def _gather(text: TextEncoding, image: ImageEncoding, me: distributed.Rank) -> tuple[TextEncoding, ImageEncoding]:
@@ -333,5 +376,12 @@ def _gather(text: TextEncoding, image: ImageEncoding, me: distributed.Rank) -> t
         return distributed.all_gather_rows(tensor, me)
 
     mask = rows(image.mask.to(torch.uint8)).bool()  # gloo gathers no bool tensors
-    return (TextEncoding([rows(q) for q in text.object_queries], [rows(q) for q in text.image_queries]),
+    return (_gather_text(text, me),
             ImageEncoding([rows(o) for o in image.objects], [rows(v) for v in image.images], mask))
+
+
+def _gather_text(text: TextEncoding, me: distributed.Rank) -> TextEncoding:
+    if not me.distributed:
+        return text
+    return TextEncoding([distributed.all_gather_rows(q, me) for q in text.object_queries],
+                        [distributed.all_gather_rows(q, me) for q in text.image_queries])
