@@ -31,7 +31,8 @@ COLUMNS = ["R@1", "R@5", "R@10", "MRR@10", "NDCG@5", "gNDCG@10", "HP@5", "acc_im
 
 
 def run_one(store: Path, out: Path, config: str, seed: int, epochs: int | None, device: str = "cpu",
-            precision: str = "auto") -> dict:
+            precision: str = "auto", queries: Path | None = QUERIES) -> dict:
+    """Train CONFIG with SEED into OUT/model and score it; `queries=None` skips the graded attribute queries."""
     done = out / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -41,7 +42,8 @@ def run_one(store: Path, out: Path, config: str, seed: int, epochs: int | None, 
                                                        device=device, precision=precision))
     seconds = time.perf_counter() - started
     instance = evaluate(store, out / "model", hierarchy=HIERARCHY, device=device, precision=precision)
-    graded = evaluate(store, out / "model", queries_path=str(QUERIES), device=device, precision=precision)
+    graded = {"metrics": {}, "queries": 0} if queries is None else evaluate(
+        store, out / "model", queries_path=str(queries), device=device, precision=precision)
     result = {"config": config, "seed": seed, "device": device, "precision": instance["precision"],
               "best_epoch": record["best"]["epoch"],
               "epoch_s": [entry["seconds"] for entry in record["history"]],
