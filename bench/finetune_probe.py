@@ -6,6 +6,7 @@ frozen features? Not a user path yet: it measures the lever before the store and
 
 `cache` runs the frozen backbone up to blocks[cut] once per store row (the photo is read again from the
 path the store recorded) and keeps that activation (float16; [N,192,7,7] for cut 6, 18.8 kB a photo).
+`--text-columns gender baseColour usage articleType --epochs 20` adds the other levers of `hsl train`.
 `train` trains a copy of blocks[cut:] + the head convolution (BatchNorm already folded) together with
 the hsl-default heads, as `hsl train` does (Adam 2e-4 for the heads, `--stage-lr` for the stage, step
 decay 0.9, clip 2.0, batch 256, duplicate titles masked, 10 epochs, best epoch by validation R@10,
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hsl.attribute_texts import AttributeTexts
 from hsl.backbones import MiniLMEffNet
 from hsl.dataset import Split, load_products
 from hsl.evaluate import evaluate
@@ -75,7 +77,8 @@ class Adapted:
         return torch.cat([fmap.mean(dim=(2, 3))[:, None], cells], 1)  # [B,17,1280]
 
 
-def train(store_path: Path, acts_path: Path, cut: int, seed: int, out: Path, stage_lr: float, epochs: int) -> None:
+def train(store_path: Path, acts_path: Path, cut: int, seed: int, out: Path, stage_lr: float, epochs: int,
+          text_columns: list[str], text_weight: float = 0.5) -> None:
     out.mkdir(parents=True, exist_ok=True)
     acts = torch.from_numpy(np.load(acts_path))  # [N,C,h,w] by store row
     adapted = Adapted(cut)
@@ -96,12 +99,15 @@ def train(store_path: Path, acts_path: Path, cut: int, seed: int, out: Path, sta
     rows = torch.from_numpy(parts["train"])
     train_set, val = products.subset(parts["train"]), products.subset(parts["val"])
     keys = train_set.title_keys()
+    texts = AttributeTexts(train_set.attributes, text_columns, meta["backbone"], meta["max_text_tokens"]) \
+        if text_columns else None  # as `hsl train` with training.text_columns (hsl/attribute_texts.py)
     best, history = None, []
     for epoch in range(epochs):
         started = time.perf_counter()
         model.train(), adapted.stage.train()
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         torch.manual_seed(seed * 100_003 + epoch + 1)
+        draws = torch.Generator().manual_seed(seed * 100_003 + epoch + 7)
         losses = []
         for batch in order.split(config.training["batch_size"]):
             if len(batch) < 2:
@@ -110,6 +116,11 @@ def train(store_path: Path, acts_path: Path, cut: int, seed: int, out: Path, sta
             image = model.encode_image(regions, torch.ones(regions.shape[:2], dtype=torch.bool))
             text = model.encode_text(*train_set.text_batch(batch, CPU))
             loss = loss_fn(LossBatch(keys[batch], model.similarities(text, image)))
+            if texts:
+                tokens, mask, negatives = texts.draw(batch, draws)
+                shopper = model.encode_text(tokens, mask)
+                loss = loss + text_weight * loss_fn(LossBatch(keys[batch], model.similarities(shopper, image),
+                                                              false_negatives=negatives))
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, config.training["grad_clip"])
@@ -142,7 +153,8 @@ def train(store_path: Path, acts_path: Path, cut: int, seed: int, out: Path, sta
                                       "split": {"test_fraction": 0.15, "val_fraction": 0.1, "seed": seed}})
     instance = evaluate(scored, out / "model", hierarchy=["masterCategory", "subCategory", "articleType"])
     graded = evaluate(scored, out / "model", queries_path=str(QUERIES))
-    result = {"config": f"finetune-cut{cut}", "seed": seed, "stage_lr": stage_lr, "best_epoch": best[0]["epoch"],
+    result = {"config": f"finetune-cut{cut}", "seed": seed, "stage_lr": stage_lr, "text_columns": text_columns,
+              "best_epoch": best[0]["epoch"],
               "epoch_s": [e["seconds"] for e in history], **instance["metrics"], **graded["metrics"]}
     (out / "result.json").write_text(json.dumps(result, indent=2))
     scored.unlink()
@@ -164,11 +176,12 @@ def main() -> None:
     two.add_argument("--out", type=Path, required=True)
     two.add_argument("--stage-lr", type=float, default=1e-4)
     two.add_argument("--epochs", type=int, default=10)
+    two.add_argument("--text-columns", nargs="*", default=[], help="attribute training texts, as training.text_columns")
     args = parser.parse_args()
     if args.command == "cache":
         cache(args.store, args.out, args.cut)
     else:
-        train(args.store, args.acts, args.cut, args.seed, args.out, args.stage_lr, args.epochs)
+        train(args.store, args.acts, args.cut, args.seed, args.out, args.stage_lr, args.epochs, args.text_columns)
 
 
 if __name__ == "__main__":
