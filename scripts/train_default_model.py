@@ -5,7 +5,7 @@
 The store is `hsl extract ../shared/data/fashion/products.csv --store fashion.h5 --text-column
 productDisplayName --image-template 'images/{id}.jpg'` (default backbone). Every product is used
 for training (--test-fraction 0 --val-fraction 0: the last epoch is kept), then the weights are
-stored as float16 to stay well under the 15 MB package budget (they load back as float32).
+stored as float16 to stay well under the 20 MB package budget (they load back as float32).
 """
 
 from __future__ import annotations
