@@ -170,8 +170,10 @@ class Trainer:
         columns = list(self.settings.get("text_columns") or [])
         if not columns or not self.settings.get("text_weight"):
             return None
+        # Encoded on the CPU as the store's titles were (fp16, a GPU precision, is not one for the CPU).
+        stored = self.store_meta.get("precision", "auto")
         texts = AttributeTexts(self.train_set.attributes, columns, self.store_meta["backbone"],
-                               self.store_meta["max_text_tokens"], self.options.precision)
+                               self.store_meta["max_text_tokens"], stored if stored in ("fp32", "bf16") else "auto")
         self.record["attribute_texts"] = {"columns": texts.columns, "texts": len(texts.tokens)}
         if not texts:
             return None
