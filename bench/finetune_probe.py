@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from results import HIERARCHY, QUERIES  # bench/results.py: the same scoring as its rows
 
 from hsl.attribute_texts import AttributeTexts
 from hsl.backbones import MiniLMEffNet
@@ -40,7 +41,6 @@ from hsl.precision import resolve_precision
 from hsl.store import FeatureStore
 from hsl.train import validate
 
-QUERIES = Path(__file__).resolve().parents[1] / "data" / "queries" / "fashion_attributes.jsonl"
 CPU = torch.device("cpu")
 
 
@@ -151,7 +151,7 @@ def train(store_path: Path, acts_path: Path, cut: int, seed: int, out: Path, sta
     save_model(model, out / "model", {"backbone": meta["backbone"], "image_dim": meta["image_dim"],
                                       "text_dim": meta["text_dim"], "precision": "fp32", "epoch": best[0]["epoch"],
                                       "split": {"test_fraction": 0.15, "val_fraction": 0.1, "seed": seed}})
-    instance = evaluate(scored, out / "model", hierarchy=["masterCategory", "subCategory", "articleType"])
+    instance = evaluate(scored, out / "model", hierarchy=HIERARCHY)
     graded = evaluate(scored, out / "model", queries_path=str(QUERIES))
     result = {"config": f"finetune-cut{cut}", "seed": seed, "stage_lr": stage_lr, "text_columns": text_columns,
               "best_epoch": best[0]["epoch"],

@@ -30,20 +30,18 @@ class AttributeTexts:
         self.codes = torch.tensor([[known.setdefault(v.lower(), len(known)) if v else -1 for v in row]
                                    for row in values], dtype=torch.long).reshape(n, len(self.columns))
         self.variants = 1 << max(0, len(self.columns) - 1)  # subsets of the optional columns
+        # kept [V,C]: the columns variant v names, bit c of v for the optional ones, the last always
+        self.kept = torch.tensor([[bool(v >> c & 1) for c in range(len(self.columns) - 1)] + [True]
+                                  for v in range(self.variants)], dtype=torch.bool).reshape(self.variants, -1)
         strings: dict[str, int] = {}
-        self.text_of = torch.zeros(n, self.variants, dtype=torch.long)  # [N,V] index into the encoded texts
-        for i, row in enumerate(values):
-            for v in range(self.variants):
-                self.text_of[i, v] = strings.setdefault(_text(row, self._kept(v)), len(strings))
+        self.text_of = torch.tensor([[strings.setdefault(_text(row, self.kept[v].tolist()), len(strings))
+                                      for v in range(self.variants)] for row in values],
+                                    dtype=torch.long).reshape(n, self.variants)  # [N,V] index into the encoded texts
         self.tokens, self.mask = _encode(list(strings), backbone, max_text_tokens, precision) if strings else \
             (torch.zeros(0, 1, 0), torch.zeros(0, 1, dtype=torch.bool))
 
     def __bool__(self) -> bool:
         return bool(self.columns) and len(self.codes) > 0
-
-    def _kept(self, variant: int) -> list[bool]:
-        """Which columns variant `variant` names: bit c of it for the optional ones, the last always."""
-        return [bool(variant >> c & 1) for c in range(len(self.columns) - 1)] + [True]
 
     def draw(self, index: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A text for each product of the batch: (tokens [B,T,Dt] float, mask [B,T] bool, false negatives
@@ -53,9 +51,8 @@ class AttributeTexts:
     def batch(self, index: torch.Tensor, variant: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`draw` with the variant of each product's text given ([B] int: bit c keeps optional column c)."""
         texts = self.text_of[index, variant]  # [B]
-        kept = torch.tensor([self._kept(int(v)) for v in variant], dtype=torch.bool)  # [B,C]
         codes = self.codes[index]  # [B,C]
-        named = kept & (codes >= 0)  # a missing value is not in the text
+        named = self.kept[variant] & (codes >= 0)  # [B,C]; a missing value is not in the text
         same = codes.unsqueeze(1) == codes.unsqueeze(0)  # [B(text),B(product),C]
         matches = (same | ~named.unsqueeze(1)).all(-1)  # [B,B]
         false_negatives = matches & ~torch.eye(len(index), dtype=torch.bool)
