@@ -24,7 +24,9 @@ AGGREGATIONS = ("mean", "max", "topk")
 # text_columns / text_weight: training queries written from these attribute columns beside the titles, and
 # the weight of their loss (hsl/attribute_texts.py); [] = titles only.
 DEFAULT_TRAINING = {"lr": 2e-4, "lr_decay": 0.9, "grad_clip": 2.0, "batch_size": 256, "epochs": 10,
-                    "weight_decay": 0.0, "group_column": "", "group_size": 0, "text_columns": [], "text_weight": 0.5}
+                    "weight_decay": 0.0, "group_column": "", "group_size": 0, "text_columns": [], "text_weight": 0.5,
+                    "average_decay": 0.0}
+# average_decay: keep an exponential moving average of the weights, decay per step (hsl/averaging.py); 0 = off.
 
 
 def _check_number(where: str, key: str, value: Any, positive: bool = False) -> None:
@@ -116,6 +118,9 @@ class ModelConfig:
     name: str
     description: str = ""
     levels: int = 2  # stacked encoder levels L (paper: 2)
+    # Independent copies of the whole network, trained side by side on the same batches and scored as
+    # one: their levels follow each other in every score and vector (hsl/model.py, "Members").
+    members: int = 1
     d_model: int = 256  # transformer width
     heads: int = 4
     ff_dim: int = 1024  # transformer feed-forward width
@@ -146,6 +151,11 @@ class ModelConfig:
         use_objects, use_images = "object" in self.granularities, "image" in self.granularities
         return use_objects and (self.agg == "mean" or not use_images), use_images
 
+    @property
+    def all_level_weights(self) -> tuple[float, ...]:
+        """The weight of every level of every member, members in order: what scores and losses sum over."""
+        return tuple(self.level_weights) * self.members
+
     def produces(self) -> Produces:
         """What the model of this config computes for a batch: what its losses may ask for."""
         return Produces(self.granularities)
@@ -157,7 +167,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         where = f"config {self.name!r}"
-        for key in ("levels", "d_model", "heads", "ff_dim", "image_layers", "text_layers", "joint_dim", "topk"):
+        for key in ("levels", "members", "d_model", "heads", "ff_dim", "image_layers", "text_layers", "joint_dim",
+                    "topk"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise HSLUsageError(f"{where}: {key} must be a positive integer, got {value!r}")
@@ -182,6 +193,9 @@ class ModelConfig:
         if bad_training:
             raise HSLUsageError(f"{where}: unknown training setting {bad_training[0]!r}; "
                                 f"known: {sorted(DEFAULT_TRAINING)}")
+        decay = self.training.get("average_decay", 0.0)
+        if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0.0 <= decay < 1.0:
+            raise HSLUsageError(f"{where}: training.average_decay must be a number in [0, 1) (0 = off), got {decay!r}")
         if not self.losses:
             raise HSLUsageError(f"{where}: losses is empty; give at least {{\"hsl\": 1.0}}")
         for name, weight in self.losses.items():
@@ -275,4 +289,6 @@ def config_to_dict(config: ModelConfig) -> dict[str, Any]:
     for key in ("hsl", "sgml", "huse"):
         if data[key] is None:
             del data[key]  # configs without the objective stay as they were before it existed
+    if config.members == 1:
+        del data["members"]  # likewise for single-network configs
     return data

@@ -90,7 +90,7 @@ def hsl_granularities(config: ModelConfig) -> tuple[str, ...]:
 
 
 def _hsl_loss(config: ModelConfig, context: LossContext) -> nn.Module:
-    return HSLLoss(config.level_weights, hsl_granularities(config), config.logit_scale)
+    return HSLLoss(config.all_level_weights, hsl_granularities(config), config.logit_scale)
 
 
 def _sgml_loss(config: ModelConfig, context: LossContext) -> nn.Module:

@@ -5,12 +5,20 @@ and an image vector v^l = AttFlat(fc(relu(O^l))), both L2-normalised. Text: toke
 stacked levels; per level the mean over valid tokens t^l and two query heads q1^l (objects) and
 q2^l (image). Scores: S_obj^l = AGG_k <q1^l, o_k^l>, S_img^l = <q2^l, v^l>, total = sum_l w_l (...)
 over the configured granularities. Masks are bool with True = valid (a real region or token).
+
+Members (config `members` K > 1): K independent copies of the network, each with its own weights,
+trained side by side on the same batches (the HSL loss of each member's own levels). They are scored
+as one network whose levels are the K members' levels in turn, so the total score is the sum of the
+members' scores and the index and query vectors are theirs concatenated: one inner product still
+ranks exactly. Averaging the scores of independently initialised networks cancels much of what each
+one got wrong by chance (docs/results.md, issue 18). The first member's weights keep the names of a
+single network; the others live under `other_members.k.`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -116,8 +124,8 @@ def index_parts(config: ModelConfig) -> tuple[bool, bool]:
 
 
 def index_dim(config: ModelConfig) -> int:
-    """D_idx: the size of index_vectors / query_vectors."""
-    return config.levels * config.joint_dim * sum(index_parts(config))
+    """D_idx: the size of index_vectors / query_vectors (every member's levels)."""
+    return config.members * config.levels * config.joint_dim * sum(index_parts(config))
 
 
 class HSLModel(nn.Module):
@@ -142,13 +150,28 @@ class HSLModel(nn.Module):
             self.image_query_heads = nn.ModuleList(nn.Linear(d, j) for _ in levels)
         use_fast_dropout(self)  # half the random draws of torch's CPU dropout (hsl/dropout.py)
         self.precision = Precision("fp32", "cpu")
+        # After the first member's weights: a one-member config draws exactly the weights it always did.
+        if config.members > 1:
+            single = replace(config, members=1)
+            self.other_members = nn.ModuleList(HSLModel(single, image_dim, text_dim)
+                                               for _ in range(config.members - 1))
 
     def use_precision(self, precision: Precision) -> HSLModel:
         """Run the two encoders in `precision` (autocast; weights stay float32). Their outputs, and so
         the similarities, index and query vectors, stay float32: bf16 scores (8 bits of mantissa) would
         tie products that float32 tells apart."""
         self.precision = precision
+        for member in self._others():
+            member.use_precision(precision)
         return self
+
+    def _others(self) -> list[HSLModel]:
+        return list(self.other_members) if self.config.members > 1 else []
+
+    def member_parameters(self) -> list[list[nn.Parameter]]:
+        """The parameters of each member, the first member's first (gradients are clipped per member)."""
+        others = {id(p) for member in self._others() for p in member.parameters()}
+        return [[p for p in self.parameters() if id(p) not in others]] + [list(m.parameters()) for m in self._others()]
 
     @property
     def exact_by_inner_product(self) -> bool:
@@ -158,7 +181,12 @@ class HSLModel(nn.Module):
     def encode_image(self, regions: torch.Tensor, region_mask: torch.Tensor) -> ImageEncoding:
         """regions [B,R,Di] float, region_mask [B,R] bool (True = valid) -> per-level object/image vectors."""
         with self.precision.autocast():
-            return self._encode_image(regions, region_mask)
+            encoding = self._encode_image(regions, region_mask)
+        for member in self._others():  # its levels follow: ImageEncoding lists every member's levels
+            more = member.encode_image(regions, region_mask)
+            encoding.objects += more.objects
+            encoding.images += more.images
+        return encoding
 
     def _encode_image(self, regions: torch.Tensor, region_mask: torch.Tensor) -> ImageEncoding:
         mask = region_mask.bool()
@@ -178,7 +206,12 @@ class HSLModel(nn.Module):
     def encode_text(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> TextEncoding:
         """tokens [B,T,Dt] float, token_mask [B,T] bool (True = valid) -> per-level query vectors."""
         with self.precision.autocast():
-            return self._encode_text(tokens, token_mask)
+            encoding = self._encode_text(tokens, token_mask)
+        for member in self._others():
+            more = member.encode_text(tokens, token_mask)
+            encoding.object_queries += more.object_queries
+            encoding.image_queries += more.image_queries
+        return encoding
 
     def _encode_text(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> TextEncoding:
         mask = token_mask.bool()
@@ -220,7 +253,7 @@ class HSLModel(nn.Module):
             objects = [self.object_scores(q, o, image.mask) for q, o in pairs]  # [Bt,Bi] each
         if self.use_images:
             images = [q @ v.T for q, v in zip(text.image_queries, image.images, strict=True)]  # [Bt,Bi] each
-        return Similarities.weighted(self.config.level_weights, objects, images)
+        return Similarities.weighted(self.config.all_level_weights, objects, images)
 
     # Retrieval is one inner product (docs/design.md §2). With agg = mean, S_obj^l = <q1^l, mean_k o_k^l>, so
     # query_vectors(t) @ index_vectors(i).T == similarities(t, i).total exactly. With agg = max | topk
@@ -231,10 +264,10 @@ class HSLModel(nn.Module):
         return index_parts(self.config)
 
     def index_vectors(self, image: ImageEncoding) -> torch.Tensor:
-        """[B,D_idx]: one stored vector per image, levels in order, [mean O^l, v^l] each."""
+        """[B,D_idx]: one stored vector per image, levels in order (of every member), [mean O^l, v^l] each."""
         object_part, image_part = self._index_parts()
         parts = []
-        for level in range(self.config.levels):
+        for level in range(len(self.config.all_level_weights)):
             if object_part:
                 parts.append(masked_mean(image.objects[level], image.mask))  # [B,J]
             if image_part:
@@ -245,7 +278,7 @@ class HSLModel(nn.Module):
         """[B,D_idx]: the level weights go on the query side, matching index_vectors' layout."""
         object_part, image_part = self._index_parts()
         parts = []
-        for level, weight in enumerate(self.config.level_weights):
+        for level, weight in enumerate(self.config.all_level_weights):
             if object_part:
                 parts.append(weight * text.object_queries[level])  # [B,J]
             if image_part:

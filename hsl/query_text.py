@@ -121,22 +121,27 @@ class QueryText:
             return self.query_vector(tokens)
 
     def query_vector(self, tokens: np.ndarray) -> np.ndarray:
-        """HSLModel.encode_text + query_vectors for one text's valid token states [T, Dt]."""
+        """HSLModel.encode_text + query_vectors for one text's valid token states [T, Dt]: every member's
+        levels in turn (the first member's weights have no prefix, hsl/model.py)."""
+        prefixes = [""] + [f"other_members.{k}." for k in range(self.config.members - 1)]
+        return np.concatenate([part for p in prefixes for part in self._member_parts(tokens, p)]).astype(np.float32)
+
+    def _member_parts(self, tokens: np.ndarray, p: str) -> list[np.ndarray]:
         config, w = self.config, self.weights
         object_part, image_part = config.index_parts()
-        x = _linear(tokens, w, "text_in")  # [T,d]
+        x = _linear(tokens, w, p + "text_in")  # [T,d]
         parts = []
         for level, weight in enumerate(config.level_weights):
             for i in range(config.text_layers):
-                x = self._transformer_layer(x, f"text_levels.{level}.layers.{i}.")
+                x = self._transformer_layer(x, f"{p}text_levels.{level}.layers.{i}.")
             pooled = x.mean(axis=0)  # [d] t^l
             for use, head in ((object_part, "object_query_heads"), (image_part, "image_query_heads")):
                 if use:
-                    query = _linear(pooled, w, f"{head}.{level}")  # [J]
+                    query = _linear(pooled, w, f"{p}{head}.{level}")  # [J]
                     if config.normalize_query:
                         query = query / max(float(np.linalg.norm(query)), 1e-12)
                     parts.append(weight * query)
-        return np.concatenate(parts).astype(np.float32)
+        return parts
 
     def _transformer_layer(self, x: np.ndarray, p: str) -> np.ndarray:
         """nn.TransformerEncoderLayer in eval mode (post-norm, ReLU, eps 1e-5) on unpadded tokens."""

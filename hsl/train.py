@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import __version__, distributed
 from .atomic import write_text_atomic
 from .attribute_texts import AttributeTexts
+from .averaging import WeightAverage
 from .batches import epoch_batches
 from .checkpoint import Checkpoint
 from .dataset import Products, Split, feature_bytes, load_products
@@ -109,6 +110,8 @@ class Trainer:
                      "store": str(store_path), "precision": self.precision.name}
         self.record = {"history": [], "best": None, "split": {k: int(len(v)) for k, v in self.parts.items()},
                        "streamed": self.train_set.source is not None}
+        decay = float(self.settings.get("average_decay") or 0.0)
+        self.average = WeightAverage(self.model, decay) if decay else None  # what validation scores and saves
         self.start_epoch = self._resume() if resuming else 0
         if self.me.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -154,6 +157,8 @@ class Trainer:
         self.needs = losses_need(self.model.config)
         # Model parameters first: the optimizer's state indices of the model stay those of an HSL-only run.
         self.params = [*self.model.parameters(), *head_parameters(self.losses)]
+        first, *others = self.model.member_parameters()
+        self.clip_groups = [[*first, *head_parameters(self.losses)], *others]
         self.labels = encode_labels(self.train_set.attributes, self.context.vocab)  # column -> [N] label index
 
     def _build_optimizer(self) -> None:
@@ -177,7 +182,7 @@ class Trainer:
         self.record["attribute_texts"] = {"columns": texts.columns, "texts": len(texts.tokens)}
         if not texts:
             return None
-        self.text_loss = HSLLoss(self.config.level_weights, hsl_granularities(self.model.config),
+        self.text_loss = HSLLoss(self.config.all_level_weights, hsl_granularities(self.model.config),
                                  self.config.logit_scale)
         return texts
 
@@ -195,6 +200,8 @@ class Trainer:
                                 f"{self.precision.name}; resume with `precision` {trained_in}", "precision",
                                 self.options.precision, [trained_in])
         self.model.load_state_dict(tensors["model"])
+        if self.average is not None:
+            self.average.model.load_state_dict(tensors["average"])
         load_heads_state(self.losses, tensors.get("objectives", {}), str(self.ckpt.folder))
         _load_optimizer(self.optimizer, tensors["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -271,25 +278,31 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # a pass-through unless fp16 (Precision.needs_grad_scaling)
         self.scaler.unscale_(self.optimizer)  # clip the true gradients
-        torch.nn.utils.clip_grad_norm_(self.params, self.settings["grad_clip"])
+        for group in self.clip_groups:  # per member: each trains as it would alone
+            torch.nn.utils.clip_grad_norm_(group, self.settings["grad_clip"])
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.average is not None:
+            self.average.update()
         return loss.item()
 
     def end_epoch(self, epoch: int, loss: float, seconds: float) -> dict:
         """Rank 0: validate, keep the model if best, write the record once, then the checkpoint; the entry."""
         # A val_fraction of 0 (train on everything, e.g. the shipped model): the last epoch is kept.
-        metrics = validate(self.model, self.val_set, self.device) if len(self.val_set) else {}
+        kept = self.average.model if self.average is not None else self.model
+        metrics = validate(kept, self.val_set, self.device) if len(self.val_set) else {}
         entry = {"epoch": epoch + 1, "loss": loss, "val": metrics, "seconds": round(seconds, 2),
                  "peak_rss_mb": _peak_rss_mb()}
         self.record["history"].append(entry)
         if _better(entry, self.record["best"]):
             self.record["best"] = entry
-            save_model(self.model, self.out, {**self.meta, "epoch": epoch + 1, "split": asdict(self.split)})
+            save_model(kept, self.out, {**self.meta, "epoch": epoch + 1, "split": asdict(self.split)})
             save_heads(self.out, self.losses, self.context)
         write_text_atomic(self.out / "metrics.json", json.dumps(self.record, indent=2))
         # The checkpoint goes last: a kill before this line redoes the epoch, with the same result.
         tensors = {"model": self.model.state_dict(), "optimizer": _optimizer_tensors(self.optimizer)}
+        if self.average is not None:
+            tensors["average"] = self.average.model.state_dict()
         heads = heads_state(self.losses)
         if heads:
             tensors["objectives"] = heads

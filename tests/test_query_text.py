@@ -45,6 +45,7 @@ def test_minilm_token_states_equal_the_torch_forward() -> None:
     {"granularities": ("image",), "levels": 1, "level_weights": (1.0,)},
     {"granularities": ("object",)},
     {"normalize_query": True, "text_layers": 2, "level_weights": (0.3, 0.7)},
+    {"members": 3},  # each member's levels in turn
 ])
 def test_query_vector_equals_the_torch_model(tmp_path: Path, changes: dict) -> None:
     """QueryText.query_vector == HSLModel.query_vectors(encode_text(...)) for one text, any valid length."""
