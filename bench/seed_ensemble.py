@@ -5,38 +5,21 @@
 
 Joins K model folders of one config, trained separately (`bench/results.py`, seeds 0..K-1: other
 initial weights, batch orders and validation products; the same fixed test split), into one model
-folder of `members` K (hsl/model.py): the first folder's weights as they are, the others under
-`other_members.k.`. Its score is the sum of theirs, so the stock `hsl.evaluate` scores it as
-bench/results.py scores a run, and `hsl query --model` searches with it. OUT/result.json as theirs.
+folder of `members` K, as `hsl train` does for a config with `members` (hsl/members.py), and scores
+it with the stock `hsl.evaluate` as bench/results.py scores a run. OUT/result.json as theirs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
 from results import HIERARCHY, QUERIES  # bench/results.py: the same scoring as its rows
-from safetensors.torch import load_file
 
 from hsl.evaluate import evaluate
-from hsl.factory import load_model, save_model
-from hsl.model import HSLModel
-
-
-def join(folders: list[Path], out: Path) -> None:
-    models = [load_model(folder) for folder in folders]
-    first, meta = models[0]
-    if any(m.config != first.config or other["backbone"] != meta["backbone"] for m, other in models[1:]):
-        raise SystemExit("the folders hold models of different configs or backbones")
-    joined = HSLModel(replace(first.config, members=len(models)), first.image_dim, first.text_dim)
-    state = dict(load_file(str(folders[0] / "model.safetensors")))
-    for k, folder in enumerate(folders[1:]):
-        state.update({f"other_members.{k}.{key}": value
-                      for key, value in load_file(str(folder / "model.safetensors")).items()})
-    joined.load_state_dict(state)
-    save_model(joined, out / "model", {**meta, "joined": [str(f) for f in folders]})
+from hsl.factory import load_model
+from hsl.members import join_members
 
 
 def main() -> None:
@@ -45,7 +28,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("models", type=Path, nargs="+", help="model folders of one config")
     args = parser.parse_args()
-    join(args.models, args.out)
+    models = [load_model(folder) for folder in args.models]
+    if any(m.config != models[0][0].config or meta["backbone"] != models[0][1]["backbone"] for m, meta in models):
+        raise SystemExit("the folders hold models of different configs or backbones")
+    join_members(args.models, args.out / "model", models[0][0].config, {"joined": [str(f) for f in args.models]})
     instance = evaluate(args.store, args.out / "model", hierarchy=HIERARCHY)
     graded = evaluate(args.store, args.out / "model", queries_path=str(QUERIES))
     result = {"config": f"sum of {len(args.models)} seeds", "models": [str(m) for m in args.models],

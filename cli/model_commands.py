@@ -67,7 +67,8 @@ def train(
         if not quiet:
             val = "  ".join(f"val {k} {v:.3f}" for k, v in entry["val"].items()
                              if not k.startswith("MRR"))
-            err.print(f"epoch {entry['epoch']}: loss {entry['loss']:.4f}  {val}  ({entry['seconds']:.0f}s, "
+            member = f"member {entry['member'] + 1}/{entry['members']} " if "member" in entry else ""
+            err.print(f"{member}epoch {entry['epoch']}: loss {entry['loss']:.4f}  {val}  ({entry['seconds']:.0f}s, "
                       f"peak memory {entry['peak_rss_mb']:,.0f} MB)", highlight=False)
 
     with progress_bar("training", quiet, unit="steps") as progress:
@@ -80,8 +81,11 @@ def train(
         print_json({"out": str(out_dir), "best_epoch": best["epoch"], "val": best["val"], "split": record["split"],
                     "streamed": record["streamed"], "peak_rss_mb": record["history"][-1]["peak_rss_mb"]})
     else:
-        score = f"val R@10 {best['val']['R@10']:.3f}" if best["val"] else "no validation split: last epoch"
-        out.print(f"best epoch {best['epoch']}: {score} -> {out_dir}", highlight=False)
+        for k, member in enumerate(record.get("members", [record])):  # one line per member
+            best = member["best"]
+            name = f"member {k + 1}: " if "members" in record else ""
+            score = f"val R@10 {best['val']['R@10']:.3f}" if best["val"] else "no validation split: last epoch"
+            out.print(f"{name}best epoch {best['epoch']}: {score} -> {out_dir}", highlight=False)
 
 
 @app.command("eval")

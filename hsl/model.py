@@ -6,13 +6,11 @@ stacked levels; per level the mean over valid tokens t^l and two query heads q1^
 q2^l (image). Scores: S_obj^l = AGG_k <q1^l, o_k^l>, S_img^l = <q2^l, v^l>, total = sum_l w_l (...)
 over the configured granularities. Masks are bool with True = valid (a real region or token).
 
-Members (config `members` K > 1): K independent copies of the network, each with its own weights,
-trained side by side on the same batches (the HSL loss of each member's own levels). They are scored
-as one network whose levels are the K members' levels in turn, so the total score is the sum of the
-members' scores and the index and query vectors are theirs concatenated: one inner product still
-ranks exactly. Averaging the scores of independently initialised networks cancels much of what each
-one got wrong by chance (docs/results.md, issue 18). The first member's weights keep the names of a
-single network; the others live under `other_members.k.`.
+Members (config `members` K > 1): K networks of the same config, each trained on its own
+(hsl/members.py), scored as one network whose levels are the K members' levels in turn: the total
+score is the sum of the members' scores, and the index and query vectors are theirs concatenated, so
+one inner product still ranks exactly. The first member's weights keep the names of a single
+network; the others live under `other_members.k.`.
 """
 
 from __future__ import annotations
@@ -167,11 +165,6 @@ class HSLModel(nn.Module):
 
     def _others(self) -> list[HSLModel]:
         return list(self.other_members) if self.config.members > 1 else []
-
-    def member_parameters(self) -> list[list[nn.Parameter]]:
-        """The parameters of each member, the first member's first (gradients are clipped per member)."""
-        others = {id(p) for member in self._others() for p in member.parameters()}
-        return [[p for p in self.parameters() if id(p) not in others]] + [list(m.parameters()) for m in self._others()]
 
     @property
     def exact_by_inner_product(self) -> bool:

@@ -78,8 +78,15 @@ def validate(model: torch.nn.Module, products: Products, device: torch.device) -
 
 def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: TrainOptions | None = None,
           on_step: StepFn | None = None, on_epoch: EpochFn | None = None) -> dict:
-    """Train, keep the best epoch by validation R@10 in `out_dir`, return the metrics record."""
-    return Trainer(store_path, out_dir, options or TrainOptions()).run(on_step, on_epoch)
+    """Train, keep the best epoch by validation R@10 in `out_dir`, return the metrics record (a config
+    of several members trains each on its own, then joins them: hsl/members.py)."""
+    options = options or TrainOptions()
+    config = model_config(options.config)
+    if config.members > 1:
+        from .members import train_members
+
+        return train_members(store_path, out_dir, options, config, on_step, on_epoch)
+    return Trainer(store_path, out_dir, options).run(on_step, on_epoch)
 
 
 class Trainer:
@@ -157,8 +164,6 @@ class Trainer:
         self.needs = losses_need(self.model.config)
         # Model parameters first: the optimizer's state indices of the model stay those of an HSL-only run.
         self.params = [*self.model.parameters(), *head_parameters(self.losses)]
-        first, *others = self.model.member_parameters()
-        self.clip_groups = [[*first, *head_parameters(self.losses)], *others]
         self.labels = encode_labels(self.train_set.attributes, self.context.vocab)  # column -> [N] label index
 
     def _build_optimizer(self) -> None:
@@ -278,8 +283,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # a pass-through unless fp16 (Precision.needs_grad_scaling)
         self.scaler.unscale_(self.optimizer)  # clip the true gradients
-        for group in self.clip_groups:  # per member: each trains as it would alone
-            torch.nn.utils.clip_grad_norm_(group, self.settings["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(self.params, self.settings["grad_clip"])
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.average is not None:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+import shutil
 from pathlib import Path
 
-import numpy as np
+import pytest
 import torch
+from safetensors.torch import load_file
 
 from hsl.config import config_to_dict
+from hsl.errors import HSLUsageError
 from hsl.factory import load_model, save_model
-from hsl.model import HSLModel, index_dim
+from hsl.model import index_dim
 from hsl.train import TrainOptions, train
 
 from .conftest import synthetic_store
@@ -46,31 +48,63 @@ def test_members_round_trip_and_a_single_config_file_is_unchanged(tmp_path: Path
     assert "members" not in config_to_dict(tiny())  # configs of one network are written as before
 
 
-def test_each_member_is_clipped_and_trained_on_its_own(tmp_path: Path) -> None:
-    """Two members train end to end; their weights move apart from their (different) starts, and a
-    member whose gradient is huge is clipped without shrinking the other's step."""
+def _members_config(tmp_path: Path, members: int, **changes: object) -> str:
+    config = json.loads((Path(__file__).parents[1] / "hsl/configs/hsl-tiny.json").read_text())
+    config.update(members=members, **changes)
+    config["training"]["epochs"] = 2
+    path = tmp_path / f"members{members}{len(changes)}.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def test_members_train_on_their_own_seeds_and_join(tmp_path: Path) -> None:
+    """Member k is exactly the one-network training with seed (seed * K + k); the folder joins them."""
     store = tmp_path / "s.h5"
     synthetic_store(store, 80)
-    config = json.loads((Path(__file__).parents[1] / "hsl/configs/hsl-tiny.json").read_text())
-    config.update(members=2)
-    config["training"]["epochs"] = 2
-    path = tmp_path / "members.json"
-    path.write_text(json.dumps(config))
-    record = train(store, tmp_path / "model", TrainOptions(config=str(path), precision="fp32"))
-    assert len(record["history"]) == 2 and all(np.isfinite(e["loss"]) for e in record["history"])
-    model, _ = load_model(tmp_path / "model")
-    first, second = model.member_parameters()
-    assert len(first) == len(second) and not all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    config = _members_config(tmp_path, 2)
+    record = train(store, tmp_path / "a", TrainOptions(config=config, seed=1, precision="fp32"))
+    assert [h["member"] for h in record["history"]] == [0, 0, 1, 1] and len(record["best"]["epoch"]) == 2
+    joined = load_file(str(tmp_path / "a" / "model.safetensors"))
+    single = str(tmp_path / "a" / "members" / "config.json")
+    for k in (0, 1):
+        train(store, tmp_path / f"b{k}", TrainOptions(config=single, seed=2 + k, precision="fp32"))
+        alone = load_file(str(tmp_path / f"b{k}" / "model.safetensors"))
+        prefix = "" if k == 0 else "other_members.0."
+        assert all(torch.equal(joined[prefix + key], value) for key, value in alone.items())
+    model, meta = load_model(tmp_path / "a")
+    assert model.config.members == 2 and meta["seeds"] == [2, 3]
 
-    model = make_model(replace(tiny(), members=2)).train()
-    regions, region_mask = torch.randn(4, 6, 12), torch.ones(4, 6, dtype=torch.bool)
-    tokens, token_mask = torch.randn(4, 7, 10), torch.ones(4, 7, dtype=torch.bool)
-    sims = model.similarities(model.encode_text(tokens, token_mask), model.encode_image(regions, region_mask))
-    (sims.levels("image")[0].sum() * 1e6 + sims.levels("image")[-1].sum()).backward()  # member 0 huge
-    for group in model.member_parameters():
-        torch.nn.utils.clip_grad_norm_(group, 2.0)
-    after = [torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in group if p.grad is not None]))
-             for group in model.member_parameters()]
-    # each clipped to 2.0 on its own; one clip over both would have shrunk the second to about 1e-5
-    assert torch.allclose(torch.stack(after), torch.tensor([2.0, 2.0]), rtol=1e-3)
-    assert isinstance(model.other_members[0], HSLModel)
+    # a run killed during the second member: the first is kept, the second trained again, the same model
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    shutil.rmtree(tmp_path / "c" / "members" / "1")
+    (tmp_path / "c" / "model.safetensors").unlink()
+    kept = (tmp_path / "c" / "members" / "0" / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(HSLUsageError, match="resume"):
+        train(store, tmp_path / "c", TrainOptions(config=config, seed=1, precision="fp32"))
+    with pytest.raises(HSLUsageError, match="another config"):
+        train(store, tmp_path / "c", TrainOptions(config=_members_config(tmp_path, 2, joint_dim=8), seed=1,
+                                                  precision="fp32", resume=True))
+    train(store, tmp_path / "c", TrainOptions(config=config, seed=1, precision="fp32", resume=True))
+    again = load_file(str(tmp_path / "c" / "model.safetensors"))
+    assert all(torch.equal(again[key], value) for key, value in joined.items())
+    assert (tmp_path / "c" / "members" / "0" / "model.safetensors").stat().st_mtime_ns == kept
+
+
+def test_cli_trains_members_and_the_query_ranks_with_all_of_them(tiny_store: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from hsl.search import Searcher
+    from hsl_cli.main import app
+
+    runner = CliRunner()
+    config = _members_config(tmp_path, 3)
+    trained = runner.invoke(app, ["train", "--store", str(tiny_store), "--out", str(tmp_path / "m"),
+                                  "--config", config, "--epochs", "1"])
+    assert trained.exit_code == 0, trained.output
+    assert "member 3/3 epoch 1" in trained.stderr and trained.stdout.count("best epoch 1") == 3
+    shown = runner.invoke(app, ["query", "synthetic product 3", "--store", str(tiny_store), "--model",
+                                str(tmp_path / "m"), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout.splitlines()[0])["results"]  # hits, ranked by all three members
+    vector, _ = Searcher(tiny_store, tmp_path / "m").query_vector("synthetic product 3")
+    assert vector.shape == (index_dim(load_model(tmp_path / "m")[0].config),) == (3 * 2 * 2 * 16,)

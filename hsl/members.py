@@ -1,0 +1,95 @@
+"""Members: a model of K networks, each trained on its own and scored as one (config `members`).
+
+The heads train from scratch on frozen features, and networks of different seeds end a few points
+apart on the same test split; the sum of their scores is better than any of them (docs/results.md,
+issue 18). Each member is a whole training of the one-network config, one after another, in
+OUT/members/K with its own seed (seed * members + k): other initial weights, batch order, dropout
+and validation products, the same fixed test split. (A first version trained them side by side on
+the same batches, in one loop: as good after 20 epochs on one seed. One after another, each member
+picks its own best epoch on its own validation products, and each is exactly the plain training of
+its seed, which the tests check.) OUT then holds the members joined as one
+model folder (hsl/model.py: the first member's weights under their own names, the others under
+`other_members.k.`), which `hsl eval`, `hsl index` and `hsl query` use like any other.
+
+A killed run resumes with `--resume`: finished members are kept (their `done.json`), the one in
+progress continues from its last epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from . import distributed
+from .atomic import write_text_atomic
+from .config import ModelConfig, config_to_dict
+from .errors import HSLUsageError
+from .factory import load_model, save_model
+from .model import HSLModel
+from .options import TrainOptions
+
+MEMBERS = "members"
+
+
+def train_members(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: TrainOptions,
+                  config: ModelConfig, on_step: Callable[[int, int, float], None] | None = None,
+                  on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Train the K members one after another, join them into `out_dir`; the record: every member's, and
+    their epochs in one history (each entry names its member)."""
+    from .train import Trainer  # train.py hands configs of several members to this module
+    if distributed.from_env().distributed:
+        raise HSLUsageError("a config of several members trains them one after another in one process; run "
+                            "`hsl train` without torchrun, or train one-network configs with it", "config",
+                            options.config)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not options.resume:
+        raise HSLUsageError(f"{out} is not empty; give another `out`, or `resume` to continue its training",
+                            "out", str(out))
+    single = json.dumps(config_to_dict(replace(config, members=1)), indent=2)
+    config_path = out / MEMBERS / "config.json"
+    if config_path.is_file() and config_path.read_text(encoding="utf-8") != single:
+        raise HSLUsageError(f"{out} holds members of another config; resume with the config it was started "
+                            f"with ({options.config} differs)", "config", options.config)
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(config_path, single)
+    records = []
+    for k in range(config.members):
+        folder = out / MEMBERS / str(k)
+        done = folder / "done.json"
+        if done.is_file():
+            records.append(json.loads(done.read_text(encoding="utf-8")))
+            continue
+
+        def report(entry: dict, k: int = k) -> None:
+            if on_epoch:
+                on_epoch({**entry, "member": k, "members": config.members})
+
+        member = replace(options, config=str(config_path), seed=options.seed * config.members + k)
+        record = Trainer(store_path, folder, member).run(on_step, report)
+        write_text_atomic(done, json.dumps(record, indent=2))
+        records.append(record)
+    folders = [out / MEMBERS / str(k) for k in range(config.members)]
+    join_members(folders, out, config, {"seeds": [options.seed * config.members + k for k in range(len(folders))]})
+    record = {"members": records, "split": records[0]["split"], "streamed": records[0]["streamed"],
+              "history": [{**entry, "member": k} for k, r in enumerate(records) for entry in r["history"]],
+              "best": {"epoch": [r["best"]["epoch"] for r in records], "val": {}}}
+    write_text_atomic(out / "metrics.json", json.dumps(record, indent=2))
+    return record
+
+
+def join_members(folders: list[Path], out: str | os.PathLike, config: ModelConfig, meta: dict) -> HSLModel:
+    """One model folder of `members` len(folders) from the model folders of one-network trainings."""
+    first, first_meta = load_model(folders[0])
+    joined = HSLModel(replace(config, members=len(folders)), first.image_dim, first.text_dim)
+    state = dict(load_file(str(Path(folders[0]) / "model.safetensors")))
+    for k, folder in enumerate(folders[1:]):
+        state.update({f"other_members.{k}.{key}": value
+                      for key, value in load_file(str(Path(folder) / "model.safetensors")).items()})
+    joined.load_state_dict(state)
+    save_model(joined, out, {**first_meta, **meta, "epoch": None})
+    return joined
