@@ -118,8 +118,8 @@ class ModelConfig:
     name: str
     description: str = ""
     levels: int = 2  # stacked encoder levels L (paper: 2)
-    # Independent copies of the whole network, trained side by side on the same batches and scored as
-    # one: their levels follow each other in every score and vector (hsl/model.py, "Members").
+    # K networks of this config, each trained on its own seed, scored as one: their levels follow each
+    # other in every score and vector (hsl/members.py, hsl/model.py).
     members: int = 1
     d_model: int = 256  # transformer width
     heads: int = 4
