@@ -36,12 +36,12 @@ from .options import TrainOptions
 MEMBERS = "members"
 
 
-def train_members(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: TrainOptions,
-                  config: ModelConfig, on_step: Callable[[int, int, float], None] | None = None,
+def train_members(out_dir: str | os.PathLike, options: TrainOptions, config: ModelConfig,
+                  train_one: Callable[[Path, TrainOptions, Callable[[dict], None]], dict],
                   on_epoch: Callable[[dict], None] | None = None) -> dict:
-    """Train the K members one after another, join them into `out_dir`; the record: every member's, and
-    their epochs in one history (each entry names its member)."""
-    from .train import Trainer  # train.py hands configs of several members to this module
+    """Train the K members one after another with `train_one(folder, options, on_epoch)` (hsl/train.py:
+    one network), join them into `out_dir`; the record: every member's, and their epochs in one
+    history (each entry names its member)."""
     if distributed.from_env().distributed:
         raise HSLUsageError("a config of several members trains them one after another in one process; run "
                             "`hsl train` without torchrun, or train one-network configs with it", "config",
@@ -70,7 +70,7 @@ def train_members(store_path: str | os.PathLike, out_dir: str | os.PathLike, opt
                 on_epoch({**entry, "member": k, "members": config.members})
 
         member = replace(options, config=str(config_path), seed=options.seed * config.members + k)
-        record = Trainer(store_path, folder, member).run(on_step, report)
+        record = train_one(folder, member, report)
         write_text_atomic(done, json.dumps(record, indent=2))
         records.append(record)
     folders = [out / MEMBERS / str(k) for k in range(config.members)]

@@ -38,6 +38,7 @@ from .evaluate import rank_products, title_queries
 from .factory import create_model, model_config, save_model
 from .loss_batch import LossBatch
 from .losses import HSLLoss, build_losses, hsl_granularities, losses_need
+from .members import train_members
 from .metrics import current_names, mrr, recall_at_k
 from .model import ImageEncoding, TextEncoding
 from .objectives import build_context, encode_labels, head_parameters, heads_state, load_heads_state, save_heads
@@ -83,9 +84,8 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
     options = options or TrainOptions()
     config = model_config(options.config)
     if config.members > 1:
-        from .members import train_members
-
-        return train_members(store_path, out_dir, options, config, on_step, on_epoch)
+        return train_members(out_dir, options, config, lambda folder, member, report: Trainer(
+            store_path, folder, member).run(on_step, report), on_epoch)
     return Trainer(store_path, out_dir, options).run(on_step, on_epoch)
 
 
