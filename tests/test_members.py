@@ -108,3 +108,11 @@ def test_cli_trains_members_and_the_query_ranks_with_all_of_them(tiny_store: Pat
     assert json.loads(shown.stdout.splitlines()[0])["results"]  # hits, ranked by all three members
     vector, _ = Searcher(tiny_store, tmp_path / "m").query_vector("synthetic product 3")
     assert vector.shape == (index_dim(load_model(tmp_path / "m")[0].config),) == (3 * 2 * 2 * 16,)
+
+
+def test_members_under_torchrun_are_refused_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(HSLUsageError, match="without torchrun"):
+        train(tmp_path / "s.h5", tmp_path / "m", TrainOptions(config=_members_config(tmp_path, 2)))
+    assert not (tmp_path / "m").exists()
