@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -198,3 +199,13 @@ def _counts(rows: list[dict]) -> str:
     per_area = "; ".join(f"{area}: {cases} cases, {tries} tries" for area, (cases, tries) in areas.items())
     return (f"{len(rows)} cases, {sum(r['tries'] for r in rows)} tries, "
             f"{'all passed' if not failed else f'{failed} FAILED'} ({per_area}).")
+
+
+def tiny_config(folder: Path, name: str, changes: dict | None = None, **training: object) -> str:
+    """hsl-tiny with these top-level `changes` and training settings, as the config file FOLDER/NAME.json."""
+    config = json.loads((Path(__file__).parents[1] / "hsl/configs/hsl-tiny.json").read_text())
+    config.update(changes or {})
+    config["training"].update(training)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(config))
+    return str(path)

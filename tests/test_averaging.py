@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -11,6 +10,8 @@ from safetensors.torch import load_file
 from hsl.averaging import WeightAverage
 from hsl.checkpoint import Checkpoint
 from hsl.train import TrainOptions, train
+
+from .conftest import tiny_config
 
 
 def test_the_average_follows_the_weights_by_the_decay() -> None:
@@ -25,11 +26,7 @@ def test_the_average_follows_the_weights_by_the_decay() -> None:
 
 
 def _config(tmp_path: Path, decay: float) -> str:
-    config = json.loads((Path(__file__).parents[1] / "hsl/configs/hsl-tiny.json").read_text())
-    config["training"]["average_decay"] = decay
-    path = tmp_path / f"average-{decay}.json"
-    path.write_text(json.dumps(config))
-    return str(path)
+    return tiny_config(tmp_path, f"average-{decay}", average_decay=decay)
 
 
 def test_the_model_folder_keeps_the_average_and_a_resume_is_exact(tiny_store: Path, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from hsl.factory import load_model, save_model
 from hsl.model import index_dim
 from hsl.train import TrainOptions, train
 
-from .conftest import synthetic_store
+from .conftest import synthetic_store, tiny_config
 from .test_model import encode, make_model, tiny
 
 
@@ -49,12 +49,7 @@ def test_members_round_trip_and_a_single_config_file_is_unchanged(tmp_path: Path
 
 
 def _members_config(tmp_path: Path, members: int, **changes: object) -> str:
-    config = json.loads((Path(__file__).parents[1] / "hsl/configs/hsl-tiny.json").read_text())
-    config.update(members=members, **changes)
-    config["training"]["epochs"] = 2
-    path = tmp_path / f"members{members}{len(changes)}.json"
-    path.write_text(json.dumps(config))
-    return str(path)
+    return tiny_config(tmp_path, f"members{members}{len(changes)}", {"members": members, **changes}, epochs=2)
 
 
 def test_members_train_on_their_own_seeds_and_join(tmp_path: Path) -> None:

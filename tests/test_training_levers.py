@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from hsl.attribute_texts import AttributeTexts
 from hsl.batches import epoch_batches
 from hsl.train import TrainOptions, train
 
-from .conftest import synthetic_store
+from .conftest import synthetic_store, tiny_config
 
 
 def test_random_batches_cover_every_product_once() -> None:
@@ -62,15 +61,6 @@ def test_attribute_texts_name_the_kind_and_mask_every_product_that_matches() -> 
         tokens, mask, negatives = texts.draw(everyone, generator)
         assert tokens.shape[:2] == mask.shape and not negatives.diagonal().any()
         assert not negatives[:3, 3].any() and not negatives[3, :3].any()  # a shoe's text never names the shirt
-
-
-def tiny_config(tmp_path: Path, name: str, **training: object) -> str:
-    """hsl-tiny with these training settings, as a config file; its path."""
-    config = json.loads((Path(__file__).parents[1] / "hsl/configs/hsl-tiny.json").read_text())
-    config["training"].update(training)
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(config))
-    return str(path)
 
 
 def test_training_with_both_levers_records_them(tmp_path: Path) -> None:
