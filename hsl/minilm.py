@@ -73,16 +73,20 @@ class MiniLM(nn.Module):
         self.eval()
 
     def forward(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, mask = self.embed(texts)
+        for layer in self.layers:
+            x = layer(x, mask)  # [N,W]
+        return _Layer._padded(x, mask), mask  # [B,L,W], zeros at the padding
+
+    def embed(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the embedded real tokens, packed [N,W]; the attention mask [B,L]): the input of layers[0]."""
         encodings = self.tokenizer.encode_batch(texts)
         device = self.word.weight.device
         ids = torch.tensor([e.ids for e in encodings], device=device)  # [B,L]
         mask = torch.tensor([e.attention_mask for e in encodings], device=device).bool()  # [B,L]
         positions = torch.arange(ids.shape[1], device=device)[None]  # [1,L]
         x = self.embed_norm(self.word(ids) + self.position(positions) + self.token_type(torch.zeros_like(ids)))
-        x = x[mask]  # [N,W]: the real tokens, packed
-        for layer in self.layers:
-            x = layer(x, mask)  # [N,W]
-        return _Layer._padded(x, mask), mask  # [B,L,W], zeros at the padding
+        return x[mask], mask  # [N,W]: the real tokens, packed
 
 
 def _rename(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
