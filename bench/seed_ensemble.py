@@ -18,8 +18,8 @@ from pathlib import Path
 from results import HIERARCHY, QUERIES  # bench/results.py: the same scoring as its rows
 
 from hsl.evaluate import evaluate
-from hsl.factory import load_model
 from hsl.members import join_members
+from hsl.model_files import read_config
 
 
 def main() -> None:
@@ -28,10 +28,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("models", type=Path, nargs="+", help="model folders of one config")
     args = parser.parse_args()
-    models = [load_model(folder) for folder in args.models]
-    if any(m.config != models[0][0].config or meta["backbone"] != models[0][1]["backbone"] for m, meta in models):
+    folders = [read_config(folder) for folder in args.models]  # (config, meta), without the weights
+    if any(config != folders[0][0] or meta["backbone"] != folders[0][1]["backbone"] for config, meta in folders):
         raise SystemExit("the folders hold models of different configs or backbones")
-    join_members(args.models, args.out / "model", models[0][0].config, {"joined": [str(f) for f in args.models]})
+    join_members(args.models, args.out / "model", folders[0][0], {"joined": [str(f) for f in args.models]})
     instance = evaluate(args.store, args.out / "model", hierarchy=HIERARCHY)
     graded = evaluate(args.store, args.out / "model", queries_path=str(QUERIES))
     result = {"config": f"sum of {len(args.models)} seeds", "models": [str(m) for m in args.models],

@@ -29,8 +29,9 @@ from . import distributed
 from .atomic import write_text_atomic
 from .config import ModelConfig, config_to_dict
 from .errors import HSLUsageError
-from .factory import load_model, save_model
+from .factory import save_model
 from .model import HSLModel
+from .model_files import read_config
 from .options import TrainOptions
 
 MEMBERS = "members"
@@ -84,12 +85,12 @@ def train_members(out_dir: str | os.PathLike, options: TrainOptions, config: Mod
 
 def join_members(folders: list[Path], out: str | os.PathLike, config: ModelConfig, meta: dict) -> HSLModel:
     """One model folder of `members` len(folders) from the model folders of one-network trainings."""
-    first, first_meta = load_model(folders[0])
-    joined = HSLModel(replace(config, members=len(folders)), first.image_dim, first.text_dim)
-    state = dict(load_file(str(Path(folders[0]) / "model.safetensors")))
-    for k, folder in enumerate(folders[1:]):
-        state.update({f"other_members.{k}.{key}": value
-                      for key, value in load_file(str(Path(folder) / "model.safetensors")).items()})
+    _, first_meta = read_config(Path(folders[0]))
+    joined = HSLModel(replace(config, members=len(folders)), first_meta["image_dim"], first_meta["text_dim"])
+    state = {}
+    for k, folder in enumerate(folders):  # the first member's names as they are, the others' prefixed
+        prefix = f"other_members.{k - 1}." if k else ""
+        state.update({prefix + key: value for key, value in load_file(str(Path(folder) / "model.safetensors")).items()})
     joined.load_state_dict(state)
     save_model(joined, out, {**first_meta, **meta, "epoch": None})
     return joined
