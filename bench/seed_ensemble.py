@@ -7,12 +7,14 @@ Joins K model folders of one config, trained separately (`bench/results.py`, see
 initial weights, batch orders and validation products; the same fixed test split), into one model
 folder of `members` K, as `hsl train` does for a config with `members` (hsl/members.py), and scores
 it with the stock `hsl.evaluate` as bench/results.py scores a run. OUT/result.json as theirs.
+`--index-dim 1024` fits the members' index projection as `hsl train` does for such a config.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from results import HIERARCHY, QUERIES  # bench/results.py: the same scoring as its rows
@@ -26,12 +28,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--index-dim", type=int, default=0,
+                        help="project the joined vectors to this size (config index_dim; 0: side by side)")
     parser.add_argument("models", type=Path, nargs="+", help="model folders of one config")
     args = parser.parse_args()
     folders = [read_config(folder) for folder in args.models]  # (config, meta), without the weights
     if any(config != folders[0][0] or meta["backbone"] != folders[0][1]["backbone"] for config, meta in folders):
         raise SystemExit("the folders hold models of different configs or backbones")
-    join_members(args.models, args.out / "model", folders[0][0], {"joined": [str(f) for f in args.models]})
+    config = replace(folders[0][0], members=len(args.models), index_dim=args.index_dim)
+    join_members(args.models, args.out / "model", config, {"joined": [str(f) for f in args.models]}, args.store)
     instance = evaluate(args.store, args.out / "model", hierarchy=HIERARCHY)
     graded = evaluate(args.store, args.out / "model", queries_path=str(QUERIES))
     result = {"config": f"sum of {len(args.models)} seeds", "models": [str(m) for m in args.models],

@@ -54,8 +54,12 @@ class HSLLossConfig:
     """The "hsl" loss, the in-batch softmax over the per-level similarities (hsl/losses.py)."""
 
     granularities: tuple[str, ...] | None = None  # the granularities it trains; None: the model's
+    # The weight of the other direction: each photo's softmax over the batch's texts (CLIP's symmetric
+    # loss); 0 = the official HSL loss, texts over photos only.
+    image_to_text: float = 0.0
 
     def check(self, where: str) -> None:
+        _check_number(where, "hsl.image_to_text", self.image_to_text)
         chosen = self.granularities
         if chosen is not None and (not chosen or len(set(chosen)) != len(chosen)
                                    or any(g not in GRANULARITIES for g in chosen)):
@@ -121,6 +125,10 @@ class ModelConfig:
     # K networks of this config, each trained on its own seed, scored as one: their levels follow each
     # other in every score and vector (hsl/members.py, hsl/model.py).
     members: int = 1
+    # With members: the numbers of the one index vector. 0 keeps the members' vectors side by side
+    # (members x levels x joint_dim x parts); a smaller size projects them onto the principal directions
+    # of the training products' vectors, fitted once after training (hsl/projection.py).
+    index_dim: int = 0
     d_model: int = 256  # transformer width
     heads: int = 4
     ff_dim: int = 1024  # transformer feed-forward width
@@ -172,6 +180,12 @@ class ModelConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise HSLUsageError(f"{where}: {key} must be a positive integer, got {value!r}")
+        if not isinstance(self.index_dim, int) or isinstance(self.index_dim, bool) or self.index_dim < 0:
+            raise HSLUsageError(f"{where}: index_dim must be 0 (the members' vectors side by side) or a positive "
+                                f"integer, got {self.index_dim!r}")
+        if self.index_dim and (self.members < 2 or not self.exact_by_inner_product):
+            raise HSLUsageError(f"{where}: index_dim projects the joined vectors of several members scored by one "
+                                f"inner product; it needs members > 1 and agg \"mean\" (or no object granularity)")
         if not isinstance(self.region_grid, int) or self.region_grid < 0:
             raise HSLUsageError(f"{where}: region_grid must be 0 (as stored) or a positive integer")
         if self.d_model % self.heads:
@@ -291,4 +305,6 @@ def config_to_dict(config: ModelConfig) -> dict[str, Any]:
             del data[key]  # configs without the objective stay as they were before it existed
     if config.members == 1:
         del data["members"]  # likewise for single-network configs
+    if not config.index_dim:
+        del data["index_dim"]
     return data

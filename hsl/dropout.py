@@ -22,17 +22,23 @@ class Dropout(nn.Module):
         self.dropped = round(p * _LEVELS)  # of every 65,536 values, this many are zeroed on average
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.dropped == 0:
-            return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, training=True)
-        n = x.numel()
-        draws = torch.randint(-(1 << 31), (1 << 31) - 1, ((n + 1) // 2,), dtype=torch.int32)
-        keep = draws.view(torch.int16)[:n].view(x.shape) >= self.dropped - _LEVELS // 2  # P(drop) = dropped/65536
-        return x * keep * (_LEVELS / (_LEVELS - self.dropped))
+        return dropout(x, self.p) if self.training else x
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Training-time dropout of x with probability p (rounded as above on the CPU)."""
+    dropped = round(p * _LEVELS)  # of every 65,536 values, this many are zeroed on average
+    if dropped == 0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    n = x.numel()
+    draws = torch.randint(-(1 << 31), (1 << 31) - 1, ((n + 1) // 2,), dtype=torch.int32)
+    keep = draws.view(torch.int16)[:n].view(x.shape) >= dropped - _LEVELS // 2  # P(drop) = dropped/65536
+    return x * keep * (_LEVELS / (_LEVELS - dropped))
 
 
 def use_fast_dropout(module: nn.Module) -> nn.Module:

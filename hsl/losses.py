@@ -30,10 +30,12 @@ from .sgml import SGMLLoss
 class HSLLoss(nn.Module):
     """The official HSL loss: for every level and configured granularity, cross-entropy of each
     query over the in-batch images (official ContrastiveLoss = nn.CrossEntropyLoss on the score
-    matrix), weighted by the level weight; the scores are first multiplied by `logit_scale`."""
+    matrix), weighted by the level weight; the scores are first multiplied by `logit_scale`. With
+    `image_to_text` > 0, each photo's cross-entropy over the batch's texts is added with that weight
+    (the symmetric loss of CLIP; the same false negatives, seen from the photo)."""
 
     def __init__(self, level_weights: Sequence[float], granularities: Sequence[str] = ("object", "image"),
-                 logit_scale: float = 10.0):
+                 logit_scale: float = 10.0, image_to_text: float = 0.0):
         super().__init__()
         unknown = [g for g in granularities if g not in GRANULARITIES]
         if unknown or not granularities:
@@ -42,6 +44,7 @@ class HSLLoss(nn.Module):
         self.level_weights = [float(w) for w in level_weights]
         self.granularities = list(granularities)
         self.logit_scale = float(logit_scale)
+        self.image_to_text = float(image_to_text)
 
     @staticmethod
     def needs(config: ModelConfig) -> Needs:
@@ -67,6 +70,9 @@ class HSLLoss(nn.Module):
                                        else false_negative_mask(keys.to(scores.device)))  # [B,B]
                     loss = loss.to(scores.device)
                 loss = loss + weight * in_batch_cross_entropy(self.logit_scale * scores, false_negatives)
+                if self.image_to_text:
+                    loss = loss + weight * self.image_to_text * in_batch_cross_entropy(
+                        self.logit_scale * scores.T, false_negatives.T)
         return loss
 
 
@@ -89,8 +95,14 @@ def hsl_granularities(config: ModelConfig) -> tuple[str, ...]:
     return chosen if chosen is not None else config.granularities
 
 
+def hsl_loss(config: ModelConfig) -> HSLLoss:
+    """The "hsl" loss of a config (also what the shopper texts of hsl/attribute_texts.py train with)."""
+    image_to_text = config.hsl.image_to_text if config.hsl is not None else 0.0
+    return HSLLoss(config.all_level_weights, hsl_granularities(config), config.logit_scale, image_to_text)
+
+
 def _hsl_loss(config: ModelConfig, context: LossContext) -> nn.Module:
-    return HSLLoss(config.all_level_weights, hsl_granularities(config), config.logit_scale)
+    return hsl_loss(config)
 
 
 def _sgml_loss(config: ModelConfig, context: LossContext) -> nn.Module:

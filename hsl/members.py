@@ -28,16 +28,18 @@ from safetensors.torch import load_file
 from . import distributed
 from .atomic import write_text_atomic
 from .config import ModelConfig, config_to_dict
+from .dataset import Split
 from .errors import HSLUsageError
 from .factory import save_model
 from .model import HSLModel
 from .model_files import read_config
 from .options import TrainOptions
+from .projection import fit_index_projection, joined_vectors_of_store
 
 MEMBERS = "members"
 
 
-def train_members(out_dir: str | os.PathLike, options: TrainOptions, config: ModelConfig,
+def train_members(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: TrainOptions, config: ModelConfig,
                   train_one: Callable[[Path, TrainOptions, Callable[[dict], None]], dict],
                   on_epoch: Callable[[dict], None] | None = None) -> dict:
     """Train the K members one after another with `train_one(folder, options, on_epoch)` (hsl/train.py:
@@ -51,7 +53,7 @@ def train_members(out_dir: str | os.PathLike, options: TrainOptions, config: Mod
     if out.exists() and any(out.iterdir()) and not options.resume:
         raise HSLUsageError(f"{out} is not empty; give another `out`, or `resume` to continue its training",
                             "out", str(out))
-    single = json.dumps(config_to_dict(replace(config, members=1)), indent=2)
+    single = json.dumps(config_to_dict(replace(config, members=1, index_dim=0)), indent=2)
     config_path = out / MEMBERS / "config.json"
     if config_path.is_file() and config_path.read_text(encoding="utf-8") != single:
         raise HSLUsageError(f"{out} holds members of another config; resume with the config it was started "
@@ -75,7 +77,8 @@ def train_members(out_dir: str | os.PathLike, options: TrainOptions, config: Mod
         write_text_atomic(done, json.dumps(record, indent=2))
         records.append(record)
     folders = [out / MEMBERS / str(k) for k in range(config.members)]
-    join_members(folders, out, config, {"seeds": [options.seed * config.members + k for k in range(len(folders))]})
+    join_members(folders, out, config, {"seeds": [options.seed * config.members + k for k in range(len(folders))]},
+                 store_path)
     record = {"members": records, "split": records[0]["split"], "streamed": records[0]["streamed"],
               "history": [{**entry, "member": k} for k, r in enumerate(records) for entry in r["history"]],
               "best": {"epoch": [r["best"]["epoch"] for r in records], "val": {}}}
@@ -83,14 +86,24 @@ def train_members(out_dir: str | os.PathLike, options: TrainOptions, config: Mod
     return record
 
 
-def join_members(folders: list[Path], out: str | os.PathLike, config: ModelConfig, meta: dict) -> HSLModel:
-    """One model folder of `members` len(folders) from the model folders of one-network trainings."""
+def join_members(folders: list[Path], out: str | os.PathLike, config: ModelConfig, meta: dict,
+                 store_path: str | os.PathLike | None = None) -> HSLModel:
+    """One model folder of `members` len(folders) from the model folders of one-network trainings; a config
+    with `index_dim` fits its projection on the store's products outside the test split (hsl/projection.py)."""
     _, first_meta = read_config(Path(folders[0]))
     joined = HSLModel(replace(config, members=len(folders)), first_meta["image_dim"], first_meta["text_dim"])
     state = {}
     for k, folder in enumerate(folders):  # the first member's names as they are, the others' prefixed
         prefix = f"other_members.{k - 1}." if k else ""
         state.update({prefix + key: value for key, value in load_file(str(Path(folder) / "model.safetensors")).items()})
+    if config.index_dim:
+        if store_path is None:
+            raise HSLUsageError(f"config {config.name!r} projects its index vectors (index_dim "
+                                f"{config.index_dim}): give the store the members were trained on", "store")
+        state["index_projection"] = joined.index_projection  # fitted below, from the joined members
     joined.load_state_dict(state)
+    if config.index_dim:
+        vectors = joined_vectors_of_store(joined, store_path, Split(**first_meta["split"]))
+        meta = {**meta, "index_projection": fit_index_projection(joined, vectors)}
     save_model(joined, out, {**first_meta, **meta, "epoch": None})
     return joined

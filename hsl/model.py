@@ -26,6 +26,7 @@ from torch import nn
 from .config import GRANULARITIES, ModelConfig
 from .dropout import use_fast_dropout
 from .errors import HSLUsageError
+from .packed import check_layer, encoder_on_valid, packed_layer, packed_mean, rows_to_compute
 from .precision import Precision
 
 
@@ -98,16 +99,19 @@ class AttentionPool(nn.Module):
 
 
 def _encoder_stack(config: ModelConfig, layers: int) -> nn.TransformerEncoder:
+    """The levels' layers, run by hsl/packed.py on the valid positions only (their weights and state dict
+    are nn.TransformerEncoder's)."""
     layer = nn.TransformerEncoderLayer(config.d_model, config.heads, config.ff_dim, config.dropout, batch_first=True)
+    check_layer(layer)
     return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
 
-def _attention_padding(mask: torch.Tensor) -> torch.Tensor:
-    """Key padding mask for nn.Transformer (True = ignore). A row with nothing valid attends to its
-    first position instead of to nothing (which gives NaN); its pooled outputs are zeroed later."""
-    padding = ~mask  # [B,N]
-    padding[:, 0] &= mask.any(dim=1)
-    return padding
+def _attended_keys(mask: torch.Tensor) -> torch.Tensor:
+    """The keys attention may see (True = attend): the valid ones. A row with nothing valid attends to
+    its first position instead of to nothing (which gives NaN); its pooled outputs are zeroed later."""
+    attend = mask.clone()  # [B,N]
+    attend[:, 0] |= ~mask.any(dim=1)
+    return attend
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -121,9 +125,14 @@ def index_parts(config: ModelConfig) -> tuple[bool, bool]:
     return config.index_parts()
 
 
-def index_dim(config: ModelConfig) -> int:
-    """D_idx: the size of index_vectors / query_vectors (every member's levels)."""
+def joined_dim(config: ModelConfig) -> int:
+    """The size of every member's level vectors side by side (before any index_dim projection)."""
     return config.members * config.levels * config.joint_dim * sum(index_parts(config))
+
+
+def index_dim(config: ModelConfig) -> int:
+    """D_idx: the size of index_vectors / query_vectors."""
+    return config.index_dim or joined_dim(config)
 
 
 class HSLModel(nn.Module):
@@ -150,9 +159,11 @@ class HSLModel(nn.Module):
         self.precision = Precision("fp32", "cpu")
         # After the first member's weights: a one-member config draws exactly the weights it always did.
         if config.members > 1:
-            single = replace(config, members=1)
+            single = replace(config, members=1, index_dim=0)
             self.other_members = nn.ModuleList(HSLModel(single, image_dim, text_dim)
                                                for _ in range(config.members - 1))
+        if config.index_dim:  # fitted after training (hsl/projection.py); saved with the weights
+            self.register_buffer("index_projection", torch.zeros(joined_dim(config), config.index_dim))
 
     def use_precision(self, precision: Precision) -> HSLModel:
         """Run the two encoders in `precision` (autocast; weights stay float32). Their outputs, and so
@@ -184,11 +195,11 @@ class HSLModel(nn.Module):
     def _encode_image(self, regions: torch.Tensor, region_mask: torch.Tensor) -> ImageEncoding:
         mask = region_mask.bool()
         regions = regions.masked_fill(~mask.unsqueeze(-1), 0.0)  # padding values never matter, even NaN
-        padding = _attention_padding(mask)  # [B,R]
+        attend = _attended_keys(mask)  # [B,R]
         hidden = self.image_in(regions)  # [B,R,d]
         objects, images = [], []
         for level, encoder in enumerate(self.image_levels):
-            hidden = encoder(hidden, src_key_padding_mask=padding)  # [B,R,d]
+            hidden = encoder_on_valid(encoder, hidden, mask, attend)  # [B,R,d]
             raw_objects = self.dropout(self.object_heads[level](hidden))  # [B,R,J]
             objects.append(F.normalize(raw_objects.float(), dim=-1))  # [B,R,J]
             if self.use_images:
@@ -208,13 +219,14 @@ class HSLModel(nn.Module):
 
     def _encode_text(self, tokens: torch.Tensor, token_mask: torch.Tensor) -> TextEncoding:
         mask = token_mask.bool()
-        tokens = tokens.masked_fill(~mask.unsqueeze(-1), 0.0)
-        padding = _attention_padding(mask)  # [B,T]
-        hidden = self.text_in(tokens)  # [B,T,d]
+        attend = _attended_keys(mask)  # [B,T]
+        rows = rows_to_compute(mask)  # the valid tokens, and a few padded ones (hsl/packed.py)
+        hidden = self.text_in(tokens[rows].masked_fill(~mask[rows].unsqueeze(-1), 0.0))  # [N,d]; padding: 0
         object_queries, image_queries = [], []
         for level, encoder in enumerate(self.text_levels):
-            hidden = encoder(hidden, src_key_padding_mask=padding)  # [B,T,d]
-            pooled = masked_mean(hidden.float(), mask)  # [B,d] t^l
+            for layer in encoder.layers:
+                hidden = packed_layer(layer, hidden, rows, attend)  # [N,d]
+            pooled = packed_mean(hidden.float(), rows, mask)  # [B,d] t^l
             if self.use_objects:
                 object_queries.append(self._query(self.object_query_heads[level], pooled))  # [B,J]
             if self.use_images:
@@ -227,11 +239,11 @@ class HSLModel(nn.Module):
 
     def object_scores(self, queries: torch.Tensor, objects: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """S_obj for one level: AGG over valid regions of <q1, o_k>; [Bt,J] x [Bi,R,J] -> [Bt,Bi]."""
+        if self.config.agg == "mean":  # the mean of inner products is the inner product with the mean
+            return queries @ masked_mean(objects, mask).T  # [Bt,Bi]: R times less work than per region
         scores = torch.einsum("tj,irj->tir", queries, objects)  # [Bt,Bi,R]
         valid = mask.unsqueeze(0)  # [1,Bi,R]
         count = valid.sum(dim=-1)  # [1,Bi]
-        if self.config.agg == "mean":
-            return scores.masked_fill(~valid, 0.0).sum(dim=-1) / count.clamp(min=1)  # [Bt,Bi]
         scores = scores.masked_fill(~valid, float("-inf"))  # [Bt,Bi,R]
         k = 1 if self.config.agg == "max" else min(self.config.topk, scores.shape[-1])
         best = scores.topk(k, dim=-1).values  # [Bt,Bi,k]; -inf where an image has fewer than k regions
@@ -246,7 +258,10 @@ class HSLModel(nn.Module):
             objects = [self.object_scores(q, o, image.mask) for q, o in pairs]  # [Bt,Bi] each
         if self.use_images:
             images = [q @ v.T for q, v in zip(text.image_queries, image.images, strict=True)]  # [Bt,Bi] each
-        return Similarities.weighted(self.config.all_level_weights, objects, images)
+        scores = Similarities.weighted(self.config.all_level_weights, objects, images)
+        if self.config.index_dim:  # what search ranks by, so that hsl eval scores what hsl query serves
+            return replace(scores, total=self.query_vectors(text) @ self.index_vectors(image).T)
+        return scores
 
     # Retrieval is one inner product (docs/design.md §2). With agg = mean, S_obj^l = <q1^l, mean_k o_k^l>, so
     # query_vectors(t) @ index_vectors(i).T == similarities(t, i).total exactly. With agg = max | topk
@@ -258,6 +273,10 @@ class HSLModel(nn.Module):
 
     def index_vectors(self, image: ImageEncoding) -> torch.Tensor:
         """[B,D_idx]: one stored vector per image, levels in order (of every member), [mean O^l, v^l] each."""
+        return self._projected(self.joined_vectors(image))
+
+    def joined_vectors(self, image: ImageEncoding) -> torch.Tensor:
+        """[B, joined_dim]: index_vectors before any index_dim projection (what hsl/projection.py fits)."""
         object_part, image_part = self._index_parts()
         parts = []
         for level in range(len(self.config.all_level_weights)):
@@ -265,10 +284,14 @@ class HSLModel(nn.Module):
                 parts.append(masked_mean(image.objects[level], image.mask))  # [B,J]
             if image_part:
                 parts.append(image.images[level])  # [B,J]
-        return torch.cat(parts, dim=1)  # [B,D_idx]
+        return torch.cat(parts, dim=1)  # [B,joined_dim]
 
     def query_vectors(self, text: TextEncoding) -> torch.Tensor:
         """[B,D_idx]: the level weights go on the query side, matching index_vectors' layout."""
+        return self._projected(self.joined_queries(text))
+
+    def joined_queries(self, text: TextEncoding) -> torch.Tensor:
+        """[B, joined_dim]: query_vectors before any index_dim projection."""
         object_part, image_part = self._index_parts()
         parts = []
         for level, weight in enumerate(self.config.all_level_weights):
@@ -276,4 +299,9 @@ class HSLModel(nn.Module):
                 parts.append(weight * text.object_queries[level])  # [B,J]
             if image_part:
                 parts.append(weight * text.image_queries[level])  # [B,J]
-        return torch.cat(parts, dim=1)  # [B,D_idx]
+        return torch.cat(parts, dim=1)  # [B,joined_dim]
+
+    def _projected(self, joined: torch.Tensor) -> torch.Tensor:
+        """The members' vectors side by side, or their index_dim projection (one map for both sides, so the
+        inner product is the joined one seen through the fitted principal directions)."""
+        return joined @ self.index_projection if self.config.index_dim else joined

@@ -124,7 +124,10 @@ class QueryText:
         """HSLModel.encode_text + query_vectors for one text's valid token states [T, Dt]: every member's
         levels in turn (the first member's weights have no prefix, hsl/model.py)."""
         prefixes = [""] + [f"other_members.{k}." for k in range(self.config.members - 1)]
-        return np.concatenate([part for p in prefixes for part in self._member_parts(tokens, p)]).astype(np.float32)
+        joined = np.concatenate([part for p in prefixes for part in self._member_parts(tokens, p)])
+        if self.config.index_dim:  # hsl/projection.py
+            joined = joined @ self.weights["index_projection"]
+        return joined.astype(np.float32)
 
     def _member_parts(self, tokens: np.ndarray, p: str) -> list[np.ndarray]:
         config, w = self.config, self.weights

@@ -37,7 +37,7 @@ from .errors import HSLError, HSLUsageError
 from .evaluate import rank_products, title_queries
 from .factory import create_model, model_config, save_model
 from .loss_batch import LossBatch
-from .losses import HSLLoss, build_losses, hsl_granularities, losses_need
+from .losses import build_losses, hsl_loss, losses_need
 from .members import train_members
 from .metrics import current_names, mrr, recall_at_k
 from .model import ImageEncoding, TextEncoding
@@ -84,7 +84,7 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
     options = options or TrainOptions()
     config = model_config(options.config)
     if config.members > 1:
-        return train_members(out_dir, options, config, lambda folder, member, report: Trainer(
+        return train_members(store_path, out_dir, options, config, lambda folder, member, report: Trainer(
             store_path, folder, member).run(on_step, report), on_epoch)
     return Trainer(store_path, out_dir, options).run(on_step, on_epoch)
 
@@ -187,8 +187,7 @@ class Trainer:
         self.record["attribute_texts"] = {"columns": texts.columns, "texts": len(texts.tokens)}
         if not texts:
             return None
-        self.text_loss = HSLLoss(self.config.all_level_weights, hsl_granularities(self.model.config),
-                                 self.config.logit_scale)
+        self.text_loss = hsl_loss(self.model.config)
         return texts
 
     def _resume(self) -> int:

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from hsl.config import config_to_dict, list_configs, load_config
+from hsl.config import HSLLossConfig, config_from_dict, config_to_dict, list_configs, load_config
 from hsl.contract import Needs
 from hsl.errors import HSLUsageError
 from hsl.factory import create_model, model_config
@@ -71,6 +71,23 @@ def test_duplicate_keys_are_masked_by_hand():
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     unmasked = HSLLoss([1.0], ["image"], logit_scale=1.0)(scored(torch.arange(3), images=[torch.tensor(SCORES)]))
     assert loss.item() < unmasked.item()
+
+
+def test_image_to_text_adds_each_photos_softmax_over_the_texts():
+    """The symmetric loss: the columns' cross-entropy (photo j over the texts) added with its weight,
+    the duplicate titles masked from the photo's side too."""
+    keys = torch.tensor([7, 7, 3])
+    columns = [list(c) for c in zip(*SCORES, strict=True)]  # column j: every text's score for photo j
+    rows = (row_loss(SCORES[0], 0, 1.0, keep=[0, 2]) + row_loss(SCORES[1], 1, 1.0, keep=[1, 2])
+            + row_loss(SCORES[2], 2, 1.0)) / 3
+    cols = (row_loss(columns[0], 0, 1.0, keep=[0, 2]) + row_loss(columns[1], 1, 1.0, keep=[1, 2])
+            + row_loss(columns[2], 2, 1.0)) / 3
+    loss = HSLLoss([1.0], ["image"], logit_scale=1.0, image_to_text=0.5)(scored(keys, images=[torch.tensor(SCORES)]))
+    assert loss.item() == pytest.approx(rows + 0.5 * cols, rel=1e-6)
+    config = replace(load_config("hsl-tiny"), hsl=HSLLossConfig(image_to_text=0.5))
+    assert build_losses(config)["hsl"].image_to_text == 0.5
+    with pytest.raises(HSLUsageError, match="image_to_text"):
+        config_from_dict({**config_to_dict(config), "hsl": {"image_to_text": -1}}, "bad.json")
 
 
 @pytest.mark.parametrize("keys", [torch.tensor([4]), torch.tensor([2, 2, 2])])

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from hsl.config import config_to_dict
 from hsl.errors import HSLUsageError
 from hsl.factory import load_model, save_model
-from hsl.model import index_dim
+from hsl.model import index_dim, joined_dim
 from hsl.train import TrainOptions, train
 
 from .conftest import synthetic_store, tiny_config
@@ -36,6 +36,21 @@ def test_the_score_is_the_sum_of_the_members_scores_and_one_inner_product() -> N
     assert torch.allclose(total, vectors, atol=1e-5)
     assert model.index_vectors(image).shape[1] == index_dim(model.config) == 3 * index_dim(single.config)
     assert len(text.image_queries) == len(image.objects) == 3 * single.config.levels
+
+
+def test_the_projection_keeps_inner_products_within_the_fitted_directions() -> None:
+    from hsl.projection import fit_index_projection
+
+    model = make_model(tiny(members=2, index_dim=8))
+    basis = torch.linalg.qr(torch.randn(joined_dim(model.config), 5, dtype=torch.float64)).Q  # a 5-d subspace
+    products = torch.randn(50, 5, dtype=torch.float64) @ basis.T  # [50, joined]
+    titles = torch.randn(30, 5, dtype=torch.float64) @ basis.T
+    fitted = fit_index_projection(model, {"products": products.numpy(), "titles": titles.numpy()})
+    assert fitted["energy"] == pytest.approx(1.0)
+    projection = model.index_projection.double()
+    assert torch.allclose((titles @ projection) @ (products @ projection).T, titles @ products.T, atol=1e-4)
+    with pytest.raises(HSLUsageError, match="index_dim"):
+        tiny(index_dim=8)  # one network: nothing to project
 
 
 def test_members_round_trip_and_a_single_config_file_is_unchanged(tmp_path: Path) -> None:
@@ -103,6 +118,25 @@ def test_cli_trains_members_and_the_query_ranks_with_all_of_them(tiny_store: Pat
     assert json.loads(shown.stdout.splitlines()[0])["results"]  # hits, ranked by all three members
     vector, _ = Searcher(tiny_store, tmp_path / "m").query_vector("synthetic product 3")
     assert vector.shape == (index_dim(load_model(tmp_path / "m")[0].config),) == (3 * 2 * 2 * 16,)
+
+
+def test_index_dim_projects_the_members_vectors_with_directions_fitted_on_the_store(tmp_path: Path) -> None:
+    store = tmp_path / "s.h5"
+    synthetic_store(store, 80)
+    config = _members_config(tmp_path, 2, index_dim=24)
+    train(store, tmp_path / "m", TrainOptions(config=config, seed=0, precision="fp32", epochs=1))
+    model, meta = load_model(tmp_path / "m")
+    fitted = meta["index_projection"]
+    assert fitted["index_dim"] == 24 and 0 < fitted["energy"] <= 1 and fitted["products"] > 40  # not the test split
+    projection = model.index_projection  # [joined 128, 24], orthonormal columns
+    assert projection.shape == (2 * 2 * 2 * 16, 24) == (joined_dim(model.config), index_dim(model.config))
+    assert torch.allclose(projection.T @ projection, torch.eye(24), atol=1e-4)
+    with torch.no_grad():  # any texts and photos of the store's feature sizes
+        text = model.encode_text(torch.randn(4, 5, model.text_dim), torch.ones(4, 5, dtype=torch.bool))
+        image = model.encode_image(torch.randn(6, 3, model.image_dim), torch.ones(6, 3, dtype=torch.bool))
+        scores = model.similarities(text, image).total
+        assert torch.allclose(scores, model.query_vectors(text) @ model.index_vectors(image).T, atol=1e-5)
+        assert model.index_vectors(image).shape[1] == 24
 
 
 def test_members_under_torchrun_are_refused_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,7 +12,7 @@ import torch
 from hsl.config import ModelConfig, config_from_dict, config_to_dict, list_configs, load_config
 from hsl.errors import HSLError, HSLUsageError
 from hsl.factory import create_model, list_models, load_model, model_hash, save_model
-from hsl.model import HSLModel, ImageEncoding, TextEncoding
+from hsl.model import HSLModel, ImageEncoding, TextEncoding, masked_mean
 
 IMAGE_DIM, TEXT_DIM = 12, 10
 
@@ -73,6 +73,51 @@ def test_padding_does_not_change_results(agg):
         for a, b in zip(plain.levels(name), padded.levels(name), strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(plain.total, padded.total, atol=1e-5, rtol=1e-5)
+
+
+def _stock_text_queries(model: HSLModel, tokens: torch.Tensor, token_mask: torch.Tensor) -> list[torch.Tensor]:
+    """The object queries through the stock nn.TransformerEncoder on the padded batch."""
+    attend = token_mask.clone()
+    attend[:, 0] |= ~token_mask.any(dim=1)
+    hidden, queries = model.text_in(tokens), []
+    for level, encoder in enumerate(model.text_levels):
+        hidden = encoder(hidden, src_key_padding_mask=~attend)
+        queries.append(model.object_query_heads[level](masked_mean(hidden, token_mask)))
+    return queries
+
+
+def test_levels_are_torch_transformer_layers_on_the_valid_positions():
+    """hsl/packed.py runs nn.TransformerEncoderLayer's arithmetic on the valid positions only: the same
+    outputs as the stock layer on the padded batch, for texts and images."""
+    model = make_model()
+    regions, region_mask, tokens, token_mask = make_batch(3, batch=6, tokens=9)
+    token_mask[4] = False  # a text with no valid token pools to zeros, as masked_mean gives
+    with torch.no_grad():
+        got, image = model.encode_text(tokens, token_mask), model.encode_image(regions, region_mask)
+        expected = _stock_text_queries(model, tokens, token_mask)
+        hidden = model.image_in(regions)
+        for level, encoder in enumerate(model.image_levels):
+            hidden = encoder(hidden, src_key_padding_mask=~region_mask)
+            stock = torch.nn.functional.normalize(model.object_heads[level](hidden), dim=-1)
+            torch.testing.assert_close(image.objects[level][region_mask], stock[region_mask], atol=1e-5, rtol=1e-5)
+    for a, b in zip(got.object_queries, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.object_queries[0][4], model.object_query_heads[0].bias)  # head(0)
+
+
+def test_packed_levels_train_with_the_stock_gradients():
+    model = make_model(tiny(dropout=0.0)).train()
+    _, _, tokens, token_mask = make_batch(4, batch=6, tokens=9)
+
+    def gradients(queries: list[torch.Tensor]) -> list[torch.Tensor]:
+        model.zero_grad()
+        sum((q * torch.linspace(-1, 1, q.shape[-1])).sum() for q in queries).backward()
+        return [p.grad.clone() for p in [model.text_in.weight, *model.text_levels.parameters()]]
+
+    packed = gradients(model.encode_text(tokens, token_mask).object_queries)
+    stock = gradients(_stock_text_queries(model, tokens, token_mask))
+    for a, b in zip(packed, stock, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_rows_with_nothing_valid_stay_finite():

@@ -46,12 +46,15 @@ def test_minilm_token_states_equal_the_torch_forward() -> None:
     {"granularities": ("object",)},
     {"normalize_query": True, "text_layers": 2, "level_weights": (0.3, 0.7)},
     {"members": 3},  # each member's levels in turn
+    {"members": 3, "index_dim": 200},  # and projected (hsl/projection.py)
 ])
 def test_query_vector_equals_the_torch_model(tmp_path: Path, changes: dict) -> None:
     """QueryText.query_vector == HSLModel.query_vectors(encode_text(...)) for one text, any valid length."""
     config = replace(load_config("hsl-default"), **changes)
     torch.manual_seed(0)
     model = create_model(config, image_dim=1280, text_dim=384).eval()
+    if config.index_dim:
+        model.index_projection.normal_()  # as if fitted: a zero projection would compare zeros
     save_model(model, tmp_path / "m", {"backbone": "minilm-effnet"})
     query_text = load_query_text(tmp_path / "m", config, max_text_tokens=32)
     rng = np.random.default_rng(0)
