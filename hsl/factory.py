@@ -8,14 +8,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+import torch
+from safetensors.torch import save_file
 
 from .atomic import write_atomic, write_text_atomic
 from .config import ModelConfig, config_to_dict, list_configs, load_config
 from .errors import HSLError
 from .losses import check_config
 from .model import HSLModel
-from .model_files import CONFIG_FILE, WEIGHTS_FILE, model_hash, read_config
+from .model_files import CONFIG_FILE, WEIGHTS_FILE, model_hash, read_config, read_weights
 
 __all__ = ["create_model", "list_models", "load_model", "model_config", "model_hash", "save_model"]
 
@@ -59,7 +60,7 @@ def load_model(model_dir: str | os.PathLike) -> tuple[HSLModel, dict[str, Any]]:
     if not path.is_file():
         raise HSLError(f"{path} not found; the model folder is incomplete: train the model again")
     try:
-        tensors = load_file(str(path))
+        tensors = {name: torch.from_numpy(value) for name, value in read_weights(path).items()}
     except Exception as error:  # safetensors raises its own error types for truncated or foreign files
         raise HSLError(f"{path} is not a readable safetensors file ({error}); train the model again") from None
     model = HSLModel(config, meta["image_dim"], meta["text_dim"])

@@ -13,12 +13,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .config import ModelConfig, config_from_dict
 from .errors import HSLError, HSLUsageError, StoreMismatchError
 from .store import FeatureStore
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# A matrix stored in 8 bits has its float32 scales (one a row) under its name plus this suffix.
+INT8_SCALE = ".int8_row_scale"
 
 
 def read_config(model_dir: Path) -> tuple[ModelConfig, dict[str, Any]]:
@@ -44,6 +48,39 @@ def read_config(model_dir: Path) -> tuple[ModelConfig, dict[str, Any]]:
     except HSLUsageError as error:
         raise HSLError(f"{error}; restore the file or train the model again") from None
     return config, meta
+
+
+def read_weights(path: Path) -> dict[str, np.ndarray]:
+    """The tensors of a weights file, floating ones as float32; 8-bit matrices (int8_weights) come back
+    multiplied by their row scales. Raises safetensors' own errors for a file that is not one."""
+    from safetensors.numpy import load_file
+
+    stored = load_file(str(path))
+    weights = {}
+    for name, value in stored.items():
+        if name.endswith(INT8_SCALE):
+            continue
+        scale = stored.get(name + INT8_SCALE)
+        if scale is not None:
+            weights[name] = value.astype(np.float32) * scale[:, None]
+        else:
+            weights[name] = value.astype(np.float32, copy=False) if np.issubdtype(value.dtype, np.floating) else value
+    return weights
+
+
+def int8_weights(weights: dict[str, np.ndarray], min_size: int = 4096) -> dict[str, np.ndarray]:
+    """Every float matrix of at least `min_size` numbers as int8 with one float32 scale a row (its largest
+    magnitude / 127): a quarter of float32's bytes, for the model that ships inside the package; the rest
+    as float16. read_weights reads them back."""
+    stored = {}
+    for name, value in weights.items():
+        if value.ndim == 2 and value.size >= min_size and np.issubdtype(value.dtype, np.floating):
+            scale = np.maximum(np.abs(value).max(axis=1), 1e-12).astype(np.float32) / 127.0
+            stored[name] = np.clip(np.rint(value / scale[:, None]), -127, 127).astype(np.int8)
+            stored[name + INT8_SCALE] = scale
+        else:
+            stored[name] = value.astype(np.float16) if np.issubdtype(value.dtype, np.floating) else value
+    return stored
 
 
 def model_hash(model_dir: str | os.PathLike) -> str:

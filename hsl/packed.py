@@ -32,12 +32,16 @@ def packed_layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, valid: torc
     q, k, v = grid.view(batch, length, 3, heads, d // heads).permute(2, 0, 3, 1, 4)  # [B,h,T,dh] each
     # Attention written out, not F.scaled_dot_product_attention: its CPU kernel gives a sequence
     # results that depend (in the last bits) on where it sits in the batch, and two copies of a
-    # product must score exactly alike (ties rank by position).
-    scores = (q @ k.transpose(-1, -2)) * (d // heads) ** -0.5  # [B,h,T,T]
-    weights = scores.masked_fill(~attend[:, None, None, :], float("-inf")).softmax(dim=-1)
-    if layer.training and attention.dropout:
-        weights = dropout(weights, attention.dropout)
-    attended = (weights @ v).transpose(1, 2).reshape(batch, length, d)[valid]  # [N,d]
+    # product must score exactly alike (ties rank by position). In float32 whatever the autocast, as
+    # that kernel accumulates: bf16 scores and softmax (8 bits of mantissa) trained worse networks.
+    with torch.autocast(x.device.type, enabled=False):
+        q, k, v = q.float(), k.float(), v.float()
+        scores = (q @ k.transpose(-1, -2)) * (d // heads) ** -0.5  # [B,h,T,T]
+        weights = scores.masked_fill(~attend[:, None, None, :], float("-inf")).softmax(dim=-1)
+        if layer.training and attention.dropout:
+            weights = dropout(weights, attention.dropout)
+        attended = weights @ v  # [B,h,T,dh]
+    attended = attended.to(qkv.dtype).transpose(1, 2).reshape(batch, length, d)[valid]  # [N,d]
     x = layer.norm1(x + layer.dropout1(attention.out_proj(attended)))
     inner = layer.dropout(F.relu(layer.linear1(x)))  # [N,ff]
     return layer.norm2(x + layer.dropout2(layer.linear2(inner)))

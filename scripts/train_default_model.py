@@ -4,8 +4,10 @@
 
 The store is `hsl extract ../shared/data/fashion/products.csv --store fashion.h5 --text-column
 productDisplayName --image-template 'images/{id}.jpg'` (default backbone). Every product is used
-for training (--test-fraction 0 --val-fraction 0: the last epoch is kept), then the weights are
-stored as float16 to stay well under the 20 MB package budget (they load back as float32).
+for training (--test-fraction 0 --val-fraction 0: the last epoch of each member is kept). The config
+is hsl-members3 (three networks and their index projection, docs/results.md); its matrices are stored
+in 8 bits with a scale a row (hsl/model_files.py: int8_weights), the rest in float16, to stay under
+the 20 MB package budget (they load back as float32).
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import load_file, save_file
 
+from hsl.model_files import int8_weights
 from hsl.train import TrainOptions, train
 
 TARGET = Path(__file__).resolve().parents[1] / "hsl" / "models" / "default"
@@ -28,17 +30,17 @@ def main() -> None:
     parser.add_argument("--store", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/hsl-default-model"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", default="hsl-members3")
     args = parser.parse_args()
-    resume = (args.work / "checkpoint" / "latest").is_file()
-    options = TrainOptions(config="hsl-default", val_fraction=0.0, test_fraction=0.0, seed=args.seed, resume=resume)
+    resume = args.work.is_dir() and any(args.work.iterdir())  # a killed run continues (members: per member)
+    options = TrainOptions(config=args.config, val_fraction=0.0, test_fraction=0.0, seed=args.seed, resume=resume)
     record = train(args.store, args.work, options)
     TARGET.mkdir(parents=True, exist_ok=True)
-    weights = load_file(str(args.work / "model.safetensors"))
-    save_file({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in weights.items()},
-              str(TARGET / "model.safetensors"))
+    save_file(int8_weights(load_file(str(args.work / "model.safetensors"))), str(TARGET / "model.safetensors"))
     shutil.copy(args.work / "config.json", TARGET / "config.json")
     (TARGET / "training.json").write_text(json.dumps({
-        "command": f"python scripts/train_default_model.py --store {args.store.name} --seed {args.seed}",
+        "command": f"python scripts/train_default_model.py --store {args.store.name} --seed {args.seed} "
+                   f"--config {args.config}",
         "epochs": record["best"]["epoch"], "history": record["history"], "split": record["split"]}, indent=2))
     print(f"{TARGET}: {(TARGET / 'model.safetensors').stat().st_size / 1e6:.1f} MB")
 

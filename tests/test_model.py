@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -219,6 +220,31 @@ def test_save_load_round_trip(tmp_path):
     assert len(digest) == 16 and digest == model_hash(tmp_path / "m")
     save_model(make_model(seed=1), tmp_path / "m", {"backbone": "tiny-test"})
     assert model_hash(tmp_path / "m") != digest
+
+
+def test_8_bit_weights_load_back_within_their_rounding(tmp_path):
+    """The shipped model's file (scripts/train_default_model.py): matrices in int8 with a scale a row,
+    the rest in float16; load_model and the numpy reader give float32 weights within half a step."""
+    from safetensors.numpy import load_file, save_file
+
+    from hsl.model_files import INT8_SCALE, int8_weights, read_weights
+
+    model = make_model(tiny(d_model=64, ff_dim=128))  # matrices of 4,096 numbers and more: 8 bits
+    save_model(model, tmp_path / "m", {"backbone": "tiny-test"})
+    weights = load_file(str(tmp_path / "m" / "model.safetensors"))
+    save_file(int8_weights(weights), str(tmp_path / "m" / "model.safetensors"))
+    stored = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert stored["image_levels.0.layers.0.linear1.weight"].dtype == np.int8
+    assert stored["image_levels.0.layers.0.linear1.bias"].dtype == np.float16  # vectors: float16
+    read = read_weights(tmp_path / "m" / "model.safetensors")
+    assert set(read) == set(weights) and all(v.dtype == np.float32 for v in read.values())
+    for name, value in weights.items():
+        step = stored[name + INT8_SCALE][:, None] if name + INT8_SCALE in stored else np.abs(value) / 1024 + 1e-7
+        assert np.all(np.abs(read[name] - value) <= step / 2 + 1e-7), name
+    loaded, _ = load_model(tmp_path / "m")
+    with torch.no_grad():
+        mine, theirs = model.similarities(*encode(model)).total, loaded.similarities(*encode(loaded)).total
+    assert torch.allclose(mine, theirs, atol=0.05) and not torch.equal(mine, theirs)
 
 
 def _corrupt(folder, name, text):
