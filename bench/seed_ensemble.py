@@ -7,7 +7,8 @@ Joins K model folders of one config, trained separately (`bench/results.py`, see
 initial weights, batch orders and validation products; the same fixed test split), into one model
 folder of `members` K, as `hsl train` does for a config with `members` (hsl/members.py), and scores
 it with the stock `hsl.evaluate` as bench/results.py scores a run. OUT/result.json as theirs.
-`--index-dim 1024` fits the members' index projection as `hsl train` does for such a config.
+`--index-dim 1024` fits the members' index projection as `hsl train` does for such a config; `--int8`
+stores the weights in 8 bits, as the shipped model is.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from results import HIERARCHY, QUERIES  # bench/results.py: the same scoring as its rows
+from safetensors.numpy import load_file, save_file
 
 from hsl.evaluate import evaluate
 from hsl.members import join_members
-from hsl.model_files import read_config
+from hsl.model_files import WEIGHTS_FILE, int8_weights, read_config
 
 
 def main() -> None:
@@ -30,6 +32,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--index-dim", type=int, default=0,
                         help="project the joined vectors to this size (config index_dim; 0: side by side)")
+    parser.add_argument("--int8", action="store_true",
+                        help="store the joined weights in 8 bits, as the shipped model is")
     parser.add_argument("models", type=Path, nargs="+", help="model folders of one config")
     args = parser.parse_args()
     folders = [read_config(folder) for folder in args.models]  # (config, meta), without the weights
@@ -37,6 +41,9 @@ def main() -> None:
         raise SystemExit("the folders hold models of different configs or backbones")
     config = replace(folders[0][0], members=len(args.models), index_dim=args.index_dim)
     join_members(args.models, args.out / "model", config, {"joined": [str(f) for f in args.models]}, args.store)
+    if args.int8:
+        weights = args.out / "model" / WEIGHTS_FILE
+        save_file(int8_weights(load_file(str(weights))), str(weights))
     instance = evaluate(args.store, args.out / "model", hierarchy=HIERARCHY)
     graded = evaluate(args.store, args.out / "model", queries_path=str(QUERIES))
     result = {"config": f"sum of {len(args.models)} seeds", "models": [str(m) for m in args.models],

@@ -37,6 +37,7 @@ def main() -> None:
     record = train(args.store, args.work, options)
     TARGET.mkdir(parents=True, exist_ok=True)
     save_file(int8_weights(load_file(str(args.work / "model.safetensors"))), str(TARGET / "model.safetensors"))
+    (TARGET / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the package's files are world-readable
     shutil.copy(args.work / "config.json", TARGET / "config.json")
     (TARGET / "training.json").write_text(json.dumps({
         "command": f"python scripts/train_default_model.py --store {args.store.name} --seed {args.seed} "
