@@ -49,7 +49,8 @@ def title_queries(products: Products) -> QueryBatch:
 @torch.no_grad()
 def rank_top(model: torch.nn.Module, gallery: Products, queries: QueryBatch, n_queries: int, device: torch.device,
              k: int = 10) -> np.ndarray:
-    """[Q, min(k, N)] gallery positions of each query's k best by exact HSL score, best first, ties in
+    """[Q, min(k, N)] gallery positions of each query's k best by the model's total score (the exact HSL
+    score; with a members' index_dim, the projected one that search ranks by), best first, ties in
     store order (hsl/top_k.py). Memory does not grow with the gallery: it is encoded a block at a time
     (read from the store where it is not in memory) against up to _QUERY_BLOCK queries, keeping only a
     running top-k; the score tiles are the ones a full [Q, N] matrix would hold, so the ranking is too."""

@@ -5,12 +5,12 @@ with the index (the search codes, memory, a million-product index, a Milvus coll
 K times. The members encode mostly the same things: on the catalog, 1,024 of the 3,072 directions
 hold 99.6% of the energy of the training products' joined vectors (docs/results.md).
 
-The map P [joined_dim, index_dim] holds the first index_dim right singular vectors of the training
-products' joined vectors (not centred: it is the inner product that must survive, not distances).
-Both sides are multiplied by P, so search scores q P P^T v: exactly the joined score whenever v lies
-in those directions, and the model's `similarities().total` is that projected score, so `hsl eval`
-scores what `hsl query` serves. P is fitted once, when the members are joined, from the products
-outside the test split, and saved with the weights (buffer `index_projection`).
+The map P [joined_dim, index_dim] holds the first index_dim principal directions of the joined
+vectors of the products outside the test split and of their titles' query vectors (not centred: it
+is the inner product that must survive, not distances). Both sides are multiplied by P, so search
+scores q P P^T v: exactly the joined score whenever v lies in those directions, and the model's
+`similarities().total` is that projected score, so `hsl eval` scores what `hsl query` serves. P is
+fitted once, when the members are joined, and saved with the weights (buffer `index_projection`).
 """
 
 from __future__ import annotations
