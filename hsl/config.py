@@ -127,7 +127,7 @@ class ModelConfig:
     members: int = 1
     # With members: the numbers of the one index vector. 0 keeps the members' vectors side by side
     # (members x levels x joint_dim x parts); a smaller size projects them onto the principal directions
-    # of the training products' vectors, fitted once after training (hsl/projection.py).
+    # of the training products' and titles' vectors, fitted once after training (hsl/projection.py).
     index_dim: int = 0
     d_model: int = 256  # transformer width
     heads: int = 4
