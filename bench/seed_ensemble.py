@@ -19,11 +19,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from results import HIERARCHY, QUERIES  # bench/results.py: the same scoring as its rows
-from safetensors.numpy import load_file, save_file
 
 from hsl.evaluate import evaluate
 from hsl.members import join_members
-from hsl.model_files import WEIGHTS_FILE, int8_weights, read_config
+from hsl.model_files import WEIGHTS_FILE, read_config, write_int8_weights
 
 
 def main() -> None:
@@ -42,8 +41,7 @@ def main() -> None:
     config = replace(folders[0][0], members=len(args.models), index_dim=args.index_dim)
     join_members(args.models, args.out / "model", config, {"joined": [str(f) for f in args.models]}, args.store)
     if args.int8:
-        weights = args.out / "model" / WEIGHTS_FILE
-        save_file(int8_weights(load_file(str(weights))), str(weights))
+        write_int8_weights(args.out / "model" / WEIGHTS_FILE, args.out / "model" / WEIGHTS_FILE)
     instance = evaluate(args.store, args.out / "model", hierarchy=HIERARCHY)
     graded = evaluate(args.store, args.out / "model", queries_path=str(QUERIES))
     result = {"config": f"sum of {len(args.models)} seeds", "models": [str(m) for m in args.models],

@@ -19,7 +19,6 @@ class Dropout(nn.Module):
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
-        self.dropped = round(p * _LEVELS)  # of every 65,536 values, this many are zeroed on average
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dropout(x, self.p) if self.training else x

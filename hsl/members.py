@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from safetensors.torch import load_file
+import torch
 
 from . import distributed
 from .atomic import write_text_atomic
@@ -32,7 +32,7 @@ from .dataset import Split
 from .errors import HSLUsageError
 from .factory import save_model
 from .model import HSLModel
-from .model_files import read_config
+from .model_files import WEIGHTS_FILE, read_config, read_weights
 from .options import TrainOptions
 from .projection import fit_index_projection, joined_vectors_of_store
 
@@ -87,19 +87,18 @@ def train_members(store_path: str | os.PathLike, out_dir: str | os.PathLike, opt
 
 
 def join_members(folders: list[Path], out: str | os.PathLike, config: ModelConfig, meta: dict,
-                 store_path: str | os.PathLike | None = None) -> HSLModel:
-    """One model folder of `members` len(folders) from the model folders of one-network trainings; a config
-    with `index_dim` fits its projection on the store's products outside the test split (hsl/projection.py)."""
+                 store_path: str | os.PathLike) -> HSLModel:
+    """One model folder of `members` len(folders) from the model folders of one-network trainings, read as
+    load_model reads a folder; a config with `index_dim` fits its projection on the products of
+    `store_path` (the store the members trained on) outside the test split (hsl/projection.py)."""
     _, first_meta = read_config(Path(folders[0]))
     joined = HSLModel(replace(config, members=len(folders)), first_meta["image_dim"], first_meta["text_dim"])
     state = {}
     for k, folder in enumerate(folders):  # the first member's names as they are, the others' prefixed
         prefix = f"other_members.{k - 1}." if k else ""
-        state.update({prefix + key: value for key, value in load_file(str(Path(folder) / "model.safetensors")).items()})
+        weights = read_weights(Path(folder) / WEIGHTS_FILE)
+        state.update({prefix + key: torch.from_numpy(value) for key, value in weights.items()})
     if config.index_dim:
-        if store_path is None:
-            raise HSLUsageError(f"config {config.name!r} projects its index vectors (index_dim "
-                                f"{config.index_dim}): give the store the members were trained on", "store")
         state["index_projection"] = joined.index_projection  # fitted below, from the joined members
     joined.load_state_dict(state)
     if config.index_dim:

@@ -83,6 +83,15 @@ def int8_weights(weights: dict[str, np.ndarray], min_size: int = 4096) -> dict[s
     return stored
 
 
+def write_int8_weights(source: Path, target: Path) -> None:
+    """The weights file `source` written to `target` as int8_weights stores them (the shipped model's
+    form), readable by everyone: safetensors writes its files 0600, a package's must be world-readable."""
+    from safetensors.numpy import load_file, save_file
+
+    save_file(int8_weights(load_file(str(source))), str(target))
+    target.chmod(0o644)
+
+
 def model_hash(model_dir: str | os.PathLike) -> str:
     """Stable id of a saved model (sha256 of config.json + model.safetensors, 16 hex), e.g. to key caches."""
     folder = Path(model_dir)

@@ -17,9 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
-from safetensors.numpy import load_file, save_file
-
-from hsl.model_files import int8_weights
+from hsl.model_files import write_int8_weights
 from hsl.train import TrainOptions, train
 
 TARGET = Path(__file__).resolve().parents[1] / "hsl" / "models" / "default"
@@ -36,8 +34,7 @@ def main() -> None:
     options = TrainOptions(config=args.config, val_fraction=0.0, test_fraction=0.0, seed=args.seed, resume=resume)
     record = train(args.store, args.work, options)
     TARGET.mkdir(parents=True, exist_ok=True)
-    save_file(int8_weights(load_file(str(args.work / "model.safetensors"))), str(TARGET / "model.safetensors"))
-    (TARGET / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the package's files are world-readable
+    write_int8_weights(args.work / "model.safetensors", TARGET / "model.safetensors")
     shutil.copy(args.work / "config.json", TARGET / "config.json")
     (TARGET / "training.json").write_text(json.dumps({
         "command": f"python scripts/train_default_model.py --store {args.store.name} --seed {args.seed} "
