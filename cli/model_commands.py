@@ -43,6 +43,9 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from the last finished epoch in --out.")] = False,
     max_products: Annotated[int | None, typer.Option(min=2, help="Train on a seeded sample of this many "
                                                      "products (default: all; a large store streams).")] = None,
+    member_processes: Annotated[int, typer.Option(
+        "--member-processes", min=0, help="A config of several members: how many train at once, a process each "
+        "(0: all of them on the CPU; 1: one after another in this process).")] = TrainOptions.member_processes,
     device: DeviceOption = TrainOptions.device,
     precision: PrecisionOption = TrainOptions.precision,
     quiet: QuietOption = False,
@@ -58,7 +61,7 @@ def train(
 
     options = TrainOptions(config=config, epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
                            test_fraction=test_fraction, seed=seed, device=str(resolve_device(device)), resume=resume,
-                           precision=precision, max_products=max_products)
+                           precision=precision, max_products=max_products, member_processes=member_processes)
 
     main_rank = from_env().is_main
     quiet = quiet or not main_rank

@@ -12,6 +12,8 @@ text names counts as a match of it, never as a negative (`false_negatives`).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .masks import token_mask
@@ -37,7 +39,7 @@ class AttributeTexts:
         self.text_of = torch.tensor([[strings.setdefault(_text(row, self.kept[v].tolist()), len(strings))
                                       for v in range(self.variants)] for row in values],
                                     dtype=torch.long).reshape(n, self.variants)  # [N,V] index into the encoded texts
-        self.tokens, self.mask = _encode(list(strings), backbone, max_text_tokens, precision) if strings else \
+        self.tokens, self.mask = _encode(tuple(strings), backbone, max_text_tokens, precision) if strings else \
             (torch.zeros(0, 1, 0), torch.zeros(0, 1, dtype=torch.bool))
 
     def __bool__(self) -> bool:
@@ -65,13 +67,20 @@ def _text(row: list[str], kept: list[bool]) -> str:
     return " ".join(value.lower() for value, keep in zip(row, kept, strict=True) if keep and value)
 
 
-def _encode(texts: list[str], backbone: str, max_text_tokens: int, precision: str,
+@functools.lru_cache(maxsize=1)
+def _encode(texts: tuple[str, ...], backbone: str, max_text_tokens: int, precision: str,
             chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """([U,T,Dt] float16 tokens, [U,T] bool mask) of every text, by the store's text backbone."""
+    """([U,T,Dt] float16 tokens, [U,T] bool mask) of every text, by the store's text backbone.
+
+    The last call's result is kept: the members of a config train one after another in one process on
+    the same products, and each would encode the same texts again (3 s on the catalog). Read only."""
     from .backbones import create_text_encoder
     from .precision import resolve_precision
 
-    encoder = create_text_encoder(backbone, max_text_tokens=max_text_tokens)
+    # Building the encoder draws from torch's generator (its layers' initial weights, before the pretrained
+    # ones load): forked, so a training draws the same whether the texts were cached or not.
+    with torch.random.fork_rng(devices=[]):
+        encoder = create_text_encoder(backbone, max_text_tokens=max_text_tokens)
     encoder.use_precision(resolve_precision(precision, "cpu"))
     tokens, lengths = [], []
     for start in range(0, len(texts), chunk):

@@ -43,6 +43,7 @@ class TrainOptions:
     precision: str = "auto"  # of the towers' forward passes; auto: the fastest on the device (hsl/precision.py)
     max_products: int | None = None  # train on a seeded sample of this many training products (None: all)
     memory_budget: int = 2 << 30  # bytes of features held in memory; a larger training set streams from the store
+    member_processes: int = 0  # members trained at once, a process each (hsl/members.py); 0: all on the CPU
 
 
 def default_workers() -> int:

@@ -91,8 +91,14 @@ def quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dequantize(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """int8 codes [..., D] and their scales [...] -> float16 [..., D] (what schema 1 stored)."""
-    return (codes.astype(np.float32) * scale.astype(np.float32)[..., None]).astype(np.float16)
+    """int8 codes [..., D] and their scales [...] -> float16 [..., D] (what schema 1 stored).
+
+    In torch: the same float32 products, rounded alike, 6x faster than numpy's single thread (a
+    training's first 3.6 s on the catalog). Imported here: a cold `hsl query` never loads torch."""
+    import torch
+
+    product = torch.from_numpy(np.ascontiguousarray(codes)).float() * torch.from_numpy(scale).float()[..., None]
+    return product.half().numpy()
 
 
 def _preallocated(group: h5py.Group, name: str, shape: tuple[int, ...], dtype: str) -> h5py.Dataset:

@@ -1,4 +1,4 @@
-"""hsl/dropout.py: the CPU dropout with half the random draws keeps dropout's contract."""
+"""hsl/dropout.py: the CPU dropout with PCG64 bits keeps dropout's contract."""
 
 import torch
 from torch import nn

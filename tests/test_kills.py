@@ -26,7 +26,7 @@ from hsl.factory import create_model, save_model
 from hsl.search import Searcher
 from hsl.store import DONE, FeatureStore
 
-from .conftest import assert_same_store, big_photos, synthetic_store
+from .conftest import assert_same_store, big_photos, synthetic_store, tiny_config
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
 
@@ -213,6 +213,37 @@ def test_train_killed_then_resumed(tiny_store: Path, tmp_path: Path, reliability
     reliability(KILLS, "SIGKILL during `hsl train`, then `--resume` (random moments, seeded)", seen["kills"],
                 f"{_kill_words(seen)}; the checkpoint read after every kill; {completed['runs'] + 1} resumed "
                 "trainings ended with weights bit-identical to an uninterrupted run")
+
+
+@pytest.mark.parametrize("whole_group", [False, True], ids=["main process killed", "whole process group killed"])
+def test_members_train_killed_then_resumed(whole_group: bool, tiny_store: Path, tmp_path: Path, reliability) -> None:
+    """A config of members trains them at once, a process each (the default on the CPU): a kill leaves no
+    member process behind, and `--resume` ends with the model of an uninterrupted run, bit for bit."""
+    config = tiny_config(tmp_path, "members2", {"members": 2}, epochs=8)
+
+    def command(out: Path, resume: bool) -> list[str]:
+        return [*HSL, "train", "--store", str(tiny_store), "--config", config, "--seed", "1", "--quiet",
+                "--out", str(out)] + (["--resume"] if resume else [])
+
+    reference, killed = tmp_path / "whole", tmp_path / "killed"
+    full_run = timed(command(reference, False))
+    want = load_file(str(reference / "model.safetensors"))
+
+    def check(finished: bool) -> None:
+        if finished:
+            got = load_file(str(killed / "model.safetensors"))
+            assert all(torch.equal(got[k], want[k]) for k in want)
+            shutil.rmtree(killed)
+
+    seen = kill_loop(lambda: command(killed, killed.exists()), check, full_run, 4, seed=5, whole_group=whole_group)
+    subprocess.run(command(killed, killed.exists()), check=True, capture_output=True)
+    got = load_file(str(killed / "model.safetensors"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert seen["most_processes"] >= 3  # the command and its two member processes were killed
+    who = "the whole process group" if whole_group else "the main process"
+    reliability(KILLS, f"SIGKILL of {who} during `hsl train` of a 2-member config (a process a member), then "
+                "`--resume`", seen["kills"], f"{_kill_words(seen)}; every resumed training ended with weights "
+                "bit-identical to an uninterrupted run")
 
 
 def test_index_killed(tmp_path: Path, reliability) -> None:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from hsl.config import config_to_dict
 from hsl.errors import HSLUsageError
 from hsl.factory import load_model, save_model
+from hsl.member_processes import member_threads
 from hsl.model import index_dim, joined_dim
 from hsl.train import TrainOptions, train
 
@@ -68,7 +69,8 @@ def _members_config(tmp_path: Path, members: int, **changes: object) -> str:
 
 
 def test_members_train_on_their_own_seeds_and_join(tmp_path: Path) -> None:
-    """Member k is exactly the one-network training with seed (seed * K + k); the folder joins them."""
+    """Member k is exactly the one-network training with seed (seed * K + k), trained in a process of its
+    own (the default on the CPU) or here; the folder joins them."""
     store = tmp_path / "s.h5"
     synthetic_store(store, 80)
     config = _members_config(tmp_path, 2)
@@ -76,11 +78,20 @@ def test_members_train_on_their_own_seeds_and_join(tmp_path: Path) -> None:
     assert [h["member"] for h in record["history"]] == [0, 0, 1, 1] and len(record["best"]["epoch"]) == 2
     joined = load_file(str(tmp_path / "a" / "model.safetensors"))
     single = str(tmp_path / "a" / "members" / "config.json")
-    for k in (0, 1):
-        train(store, tmp_path / f"b{k}", TrainOptions(config=single, seed=2 + k, precision="fp32"))
-        alone = load_file(str(tmp_path / f"b{k}" / "model.safetensors"))
-        prefix = "" if k == 0 else "other_members.0."
-        assert all(torch.equal(joined[prefix + key], value) for key, value in alone.items())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(member_threads(2))  # as each of the two member processes had
+    try:
+        for k in (0, 1):
+            train(store, tmp_path / f"b{k}", TrainOptions(config=single, seed=2 + k, precision="fp32"))
+            alone = load_file(str(tmp_path / f"b{k}" / "model.safetensors"))
+            prefix = "" if k == 0 else "other_members.0."
+            assert all(torch.equal(joined[prefix + key], value) for key, value in alone.items())
+        # one after another in this process (`member_processes` 1, as on a GPU): the same model
+        train(store, tmp_path / "here", TrainOptions(config=config, seed=1, precision="fp32", member_processes=1))
+        here = load_file(str(tmp_path / "here" / "model.safetensors"))
+        assert all(torch.equal(here[key], value) for key, value in joined.items())
+    finally:
+        torch.set_num_threads(threads)
     model, meta = load_model(tmp_path / "a")
     assert model.config.members == 2 and meta["seeds"] == [2, 3]
 
@@ -145,3 +156,45 @@ def test_members_under_torchrun_are_refused_in_one_line(tmp_path: Path, monkeypa
     with pytest.raises(HSLUsageError, match="without torchrun"):
         train(tmp_path / "s.h5", tmp_path / "m", TrainOptions(config=_members_config(tmp_path, 2)))
     assert not (tmp_path / "m").exists()
+
+
+def test_a_member_process_that_fails_stops_the_run_with_its_own_one_line_error(tmp_path: Path) -> None:
+    """An error inside a member process reaches the command as the library error it was (here: a split
+    with no validation product), and no member process is left behind."""
+    import multiprocessing
+
+    store = tmp_path / "s.h5"
+    synthetic_store(store, 3)
+    with pytest.raises(HSLUsageError, match="split gives .* validation products"):
+        train(store, tmp_path / "m", TrainOptions(config=_members_config(tmp_path, 2), val_fraction=0.1))
+    assert not multiprocessing.active_children()
+
+
+def test_a_member_process_killed_ends_the_command_in_one_line(tiny_store: Path, tmp_path: Path) -> None:
+    """The OOM killer's way: one member process SIGKILLed. The command stops the other, exits 1 and says in
+    one line which member ended and how to go on."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .test_kills import _living, process_tree
+
+    config = tiny_config(tmp_path, "members2", {"members": 2}, epochs=500)
+    command = [sys.executable, "-m", "hsl_cli.main", "train", "--store", str(tiny_store), "--config", config,
+               "--quiet", "--out", str(tmp_path / "m")]
+    run = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    started = time.monotonic()
+    while not all((tmp_path / "m" / "members" / k / "checkpoint").exists() for k in "01"):
+        assert time.monotonic() - started < 120 and run.poll() is None, "the members did not start training"
+        time.sleep(0.1)
+    members = {pid for pid in process_tree(run.pid) - {run.pid}
+               if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()}
+    assert len(members) == 2
+    os.kill(min(members), signal.SIGKILL)
+    _, stderr = run.communicate(timeout=60)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert run.returncode == 1 and len(lines) == 1, stderr
+    assert "ended with exit code -9" in lines[0] and "--resume" in lines[0]
+    assert not _living(members)
