@@ -25,6 +25,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from . import errors
 from .atomic import write_text_atomic
@@ -38,11 +39,12 @@ def member_threads(processes: int) -> int:
     return max(1, (os.cpu_count() or 1) // processes)
 
 
-def train_in_processes(store_path: str | os.PathLike, members: list[Member], processes: int,
-                       on_step: Callable[[int, int, float], None] | None,
+def train_in_processes(trainer: Callable[..., Any], store_path: str | os.PathLike, members: list[Member],
+                       processes: int, on_step: Callable[[int, int, float], None] | None,
                        on_epoch: Callable[[int, dict], None]) -> dict[int, dict]:
-    """Train `members` in up to `processes` processes at once; {k: its record}. `on_step` gets the
-    steps of all of them (done, in all), `on_epoch(k, entry)` each member's epochs as they end."""
+    """Train `members` in up to `processes` processes at once, each by `trainer(store_path, folder,
+    options)` (hsl/train.py's Trainer class, which the processes import by name); {k: its record}.
+    `on_step` gets the steps of all of them (done, in all), `on_epoch(k, entry)` each member's epochs."""
     context = multiprocessing.get_context("spawn")  # not fork: torch's thread pool does not survive one
     messages = context.Queue()
     threads = member_threads(processes)
@@ -68,8 +70,8 @@ def train_in_processes(store_path: str | os.PathLike, members: list[Member], pro
             while waiting and len(running) < processes:
                 k, folder, options = waiting.pop(0)
                 running[k] = context.Process(target=_train_member, name=f"hsl-member-{k}", daemon=True,
-                                             args=(str(store_path), str(folder), options, k, threads, messages,
-                                                   os.getpid()))
+                                             args=(trainer, str(store_path), str(folder), options, k, threads,
+                                                   messages, os.getpid()))
                 running[k].start()
             try:
                 handle(*messages.get(timeout=1.0))
@@ -110,8 +112,8 @@ def _rebuilt(k: int, kind: str, payload: tuple) -> BaseException:
     return RuntimeError(f"the training of member {k} failed:\n{payload[0]}")
 
 
-def _train_member(store_path: str, folder: str, options: TrainOptions, k: int, threads: int,
-                  messages: multiprocessing.Queue, parent: int) -> None:
+def _train_member(trainer: Callable[..., Any], store_path: str, folder: str, options: TrainOptions, k: int,
+                  threads: int, messages: multiprocessing.Queue, parent: int) -> None:
     """A member process: train one member, report through `messages`, write its done.json."""
     from .processes import die_with_parent
 
@@ -120,10 +122,8 @@ def _train_member(store_path: str, folder: str, options: TrainOptions, k: int, t
         import torch
 
         torch.set_num_threads(threads)
-        from .train import Trainer
-
-        trainer = Trainer(store_path, folder, options)
-        epochs, finished = trainer.epochs - trainer.start_epoch, [0]
+        member = trainer(store_path, folder, options)
+        epochs, finished = member.epochs - member.start_epoch, [0]
 
         def step(step: int, total: int, loss: float) -> None:  # counted over this run's epochs, not per epoch
             messages.put(("step", k, (finished[0] * total + step, epochs * total, loss)))
@@ -132,7 +132,7 @@ def _train_member(store_path: str, folder: str, options: TrainOptions, k: int, t
             finished[0] += 1
             messages.put(("epoch", k, entry))
 
-        record = trainer.run(step, epoch)
+        record = member.run(step, epoch)
         write_text_atomic(Path(folder) / "done.json", json.dumps(record, indent=2))
         messages.put(("done", k, record))
     except KeyboardInterrupt:  # Ctrl-C reaches every process of the group; the parent says what to do

@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,13 +45,12 @@ MEMBERS = "members"
 
 
 def train_members(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: TrainOptions, config: ModelConfig,
-                  train_one: Callable[[Path, TrainOptions, Callable[[dict], None]], dict],
-                  on_epoch: Callable[[dict], None] | None = None,
+                  trainer: Callable[..., Any], on_epoch: Callable[[dict], None] | None = None,
                   on_step: Callable[[int, int, float], None] | None = None) -> dict:
-    """Train the K members, at once in processes of their own on the CPU (hsl/member_processes.py) or
-    one after another here with `train_one(folder, options, on_epoch)` (hsl/train.py: one network), and
-    join them into `out_dir`; the record: every member's, and their epochs in one history (each entry
-    names its member)."""
+    """Train the K members, each by `trainer(store_path, folder, options).run(on_step, on_epoch)`
+    (hsl/train.py's Trainer: one network, passed in so that this module does not import it), at once in
+    processes of their own on the CPU (hsl/member_processes.py) or one after another here, and join them
+    into `out_dir`; the record: every member's, and their epochs in one history (each names its member)."""
     if distributed.from_env().distributed:
         raise HSLUsageError("a config of several members starts its own processes, one a member; run "
                             "`hsl train` without torchrun, or train one-network configs with it", "config",
@@ -85,10 +85,10 @@ def train_members(store_path: str | os.PathLike, out_dir: str | os.PathLike, opt
     if processes > 1 and pending:  # each holds its own training set in memory: the budget is shared out
         pending = [(k, folder, replace(member, memory_budget=member.memory_budget // processes))
                    for k, folder, member in pending]
-        records.update(train_in_processes(store_path, pending, processes, on_step, report))
+        records.update(train_in_processes(trainer, store_path, pending, processes, on_step, report))
     else:
         for k, folder, member in pending:
-            records[k] = train_one(folder, member, lambda entry, k=k: report(k, entry))
+            records[k] = trainer(store_path, folder, member).run(on_step, lambda entry, k=k: report(k, entry))
             write_text_atomic(folder / "done.json", json.dumps(records[k], indent=2))
     records = [records[k] for k in range(config.members)]
     folders = [out / MEMBERS / str(k) for k in range(config.members)]

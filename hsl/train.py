@@ -84,8 +84,7 @@ def train(store_path: str | os.PathLike, out_dir: str | os.PathLike, options: Tr
     options = options or TrainOptions()
     config = model_config(options.config)
     if config.members > 1:
-        return train_members(store_path, out_dir, options, config, lambda folder, member, report: Trainer(
-            store_path, folder, member).run(on_step, report), on_epoch, on_step)
+        return train_members(store_path, out_dir, options, config, Trainer, on_epoch, on_step)
     return Trainer(store_path, out_dir, options).run(on_step, on_epoch)
 
 
