@@ -72,8 +72,9 @@ def _encode(texts: tuple[str, ...], backbone: str, max_text_tokens: int, precisi
             chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """([U,T,Dt] float16 tokens, [U,T] bool mask) of every text, by the store's text backbone.
 
-    The last call's result is kept: the members of a config train one after another in one process on
-    the same products, and each would encode the same texts again (3 s on the catalog). Read only."""
+    The last call's result is kept: members of a config trained one after another in one process (on a
+    GPU, or `member_processes` 1) on the same products would each encode the same texts again (3 s on
+    the catalog). Read only."""
     from .backbones import create_text_encoder
     from .precision import resolve_precision
 
