@@ -17,7 +17,7 @@ import numpy as np
 
 from .config import ModelConfig, config_from_dict
 from .errors import HSLError, HSLUsageError, StoreMismatchError
-from .store import FeatureStore
+from .store import FeatureStore, quantize
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -75,9 +75,7 @@ def int8_weights(weights: dict[str, np.ndarray], min_size: int = 4096) -> dict[s
     stored = {}
     for name, value in weights.items():
         if value.ndim == 2 and value.size >= min_size and np.issubdtype(value.dtype, np.floating):
-            scale = np.maximum(np.abs(value).max(axis=1), 1e-12).astype(np.float32) / 127.0
-            stored[name] = np.clip(np.rint(value / scale[:, None]), -127, 127).astype(np.int8)
-            stored[name + INT8_SCALE] = scale
+            stored[name], stored[name + INT8_SCALE] = quantize(value, np.float32)  # the store's codes, a row each
         else:
             stored[name] = value.astype(np.float16) if np.issubdtype(value.dtype, np.floating) else value
     return stored

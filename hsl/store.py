@@ -80,11 +80,12 @@ def schema_of(meta: dict) -> int:
     return int(meta.get("schema_version", SCHEMA_VERSION))
 
 
-def quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[..., D] float -> (int8 codes [..., D], float16 scale [...]): symmetric, one scale per vector, so
-    each value is off by at most half a step of its vector's largest |value| / 127 (under 0.4 %)."""
+def quantize(vectors: np.ndarray, scale_dtype: type = np.float16) -> tuple[np.ndarray, np.ndarray]:
+    """[..., D] float -> (int8 codes [..., D], scale [...] in `scale_dtype`): symmetric, one scale per vector,
+    so each value is off by at most half a step of its vector's largest |value| / 127 (under 0.4 %). The
+    store keeps float16 scales; the shipped model's matrices float32 ones (hsl/model_files.py)."""
     vectors = np.asarray(vectors, dtype=np.float32)
-    scale = (np.abs(vectors).max(axis=-1) / 127.0).astype(np.float16)  # rounded first: codes use the stored scale
+    scale = (np.abs(vectors).max(axis=-1) / 127.0).astype(scale_dtype)  # rounded first: codes use the stored scale
     step = scale.astype(np.float32)[..., None]
     codes = np.divide(vectors, step, out=np.zeros_like(vectors), where=step > 0)
     return np.clip(np.rint(codes), -127, 127).astype(np.int8), scale
