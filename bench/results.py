@@ -10,6 +10,7 @@ the script resumes after an interruption.
     python bench/results.py --out runs --configs hsl-default dual --seeds 0 1 2 --table-only
     python bench/results.py --store fashion.h5 --out runs --configs hsl-paper --seeds 0 1 2 --device cuda
     python bench/results.py --store fashion.h5 --out runs-fp32 --configs hsl-default --precision fp32
+    python bench/results.py --store fashion.h5 --out runs-val --configs hsl-members3 --val-fraction 0.1
 """
 
 from __future__ import annotations
@@ -31,20 +32,27 @@ COLUMNS = ["R@1", "R@5", "R@10", "MRR@10", "NDCG@5", "gNDCG@10", "HP@5", "acc_im
 
 
 def run_one(store: Path, out: Path, config: str, seed: int, epochs: int | None, device: str = "cpu",
-            precision: str = "auto", queries: Path | None = QUERIES) -> dict:
-    """Train CONFIG with SEED into OUT/model and score it; `queries=None` skips the graded attribute queries."""
+            precision: str = "auto", queries: Path | None = QUERIES, val_fraction: float | None = None) -> dict:
+    """Train CONFIG with SEED into OUT/model and score it; `queries=None` skips the graded attribute queries.
+
+    `val_fraction` None: the config's (0.1 unless it says); 0 trains on every product outside the test split
+    and keeps the last epoch."""
     done = out / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
     started = time.perf_counter()
-    resume = Checkpoint(out / "model" / "checkpoint").exists()
+    model = out / "model"
+    # A config of members keeps a checkpoint per member (model/members/k/checkpoint), not model/checkpoint.
+    resume = Checkpoint(model / "checkpoint").exists() or (model / "members").is_dir()
     record = train(store, out / "model", TrainOptions(config=config, seed=seed, epochs=epochs, resume=resume,
-                                                       device=device, precision=precision))
+                                                       device=device, precision=precision,
+                                                       val_fraction=val_fraction))
     seconds = time.perf_counter() - started
     instance = evaluate(store, out / "model", hierarchy=HIERARCHY, device=device, precision=precision)
     graded = {"metrics": {}, "queries": 0} if queries is None else evaluate(
         store, out / "model", queries_path=str(queries), device=device, precision=precision)
     result = {"config": config, "seed": seed, "device": device, "precision": instance["precision"],
+              "split": record["split"],
               "best_epoch": record["best"]["epoch"],
               "epoch_s": [entry["seconds"] for entry in record["history"]],
               "train_s": round(seconds, 1),
@@ -81,6 +89,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override every config's epochs")
     parser.add_argument("--device", default="cpu", help="torch device for training and scoring, e.g. cuda")
     parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 (hsl/precision.py)")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help="validation share that picks the best epoch (default: the config's); 0 trains on it "
+                             "too and keeps the last epoch")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
     results: dict[str, list[dict]] = {}
@@ -91,7 +102,8 @@ def main() -> None:
                 if (run_dir / "result.json").is_file():
                     results.setdefault(config, []).append(json.loads((run_dir / "result.json").read_text()))
                 continue
-            result = run_one(args.store, run_dir, config, seed, args.epochs, args.device, args.precision)
+            result = run_one(args.store, run_dir, config, seed, args.epochs, args.device, args.precision,
+                             val_fraction=args.val_fraction)
             results.setdefault(config, []).append(result)
             print(json.dumps(result), flush=True)
     print(table(results))

@@ -8,13 +8,15 @@ initial weights, batch orders and validation products; the same fixed test split
 folder of `members` K, as `hsl train` does for a config with `members` (hsl/members.py), and scores
 it with the stock `hsl.evaluate` as bench/results.py scores a run. OUT/result.json as theirs.
 `--index-dim 1024` fits the members' index projection as `hsl train` does for such a config; `--int8`
-stores the weights in 8 bits, as the shipped model is.
+stores the weights in 8 bits, as the shipped model is; `--last-epoch` joins each folder's last epoch (its
+checkpoint) instead of the one its validation picked.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,8 +35,12 @@ def main() -> None:
                         help="project the joined vectors to this size (config index_dim; 0: side by side)")
     parser.add_argument("--int8", action="store_true",
                         help="store the joined weights in 8 bits, as the shipped model is")
+    parser.add_argument("--last-epoch", action="store_true",
+                        help="join each folder's last checkpointed epoch instead of its validation-picked one")
     parser.add_argument("models", type=Path, nargs="+", help="model folders of one config")
     args = parser.parse_args()
+    if args.last_epoch:
+        args.models = [_last_epoch(folder, args.out / "last-epoch" / str(k)) for k, folder in enumerate(args.models)]
     folders = [read_config(folder) for folder in args.models]  # (config, meta), without the weights
     if any(config != folders[0][0] or meta["backbone"] != folders[0][1]["backbone"] for config, meta in folders):
         raise SystemExit("the folders hold models of different configs or backbones")
@@ -48,6 +54,16 @@ def main() -> None:
               **instance["metrics"], **graded["metrics"]}
     (args.out / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
+
+
+def _last_epoch(folder: Path, copy: Path) -> Path:
+    """A model folder like FOLDER whose weights are those of its checkpoint's last epoch (hsl/checkpoint.py)."""
+    copy.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "metrics.json", "train_args.json"):
+        shutil.copy(folder / name, copy / name)
+    latest = (folder / "checkpoint" / "latest").read_text().strip()
+    shutil.copy(folder / "checkpoint" / latest / WEIGHTS_FILE, copy / WEIGHTS_FILE)
+    return copy
 
 
 if __name__ == "__main__":

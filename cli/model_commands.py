@@ -35,8 +35,9 @@ def train(
     epochs: Annotated[int | None, typer.Option(min=1, help="Default: the config's.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=2, help="Default: the config's.")] = None,
     lr: Annotated[float | None, typer.Option(min=0, help="Learning rate. Default: the config's.")] = None,
-    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of products for validation.")]
-    = TrainOptions.val_fraction,
+    val_fraction: Annotated[float | None, typer.Option(
+        min=0.0, max=0.9, help="Share of products that validates each epoch and picks the best (0: none, the last "
+        "epoch is kept). Default: the config's (0.1; hsl-members3: 0).")] = TrainOptions.val_fraction,
     test_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Fixed hold-out never trained on.")]
     = TrainOptions.test_fraction,
     seed: Annotated[int, typer.Option(help="Seed of the split, shuffle and initialisation.")] = TrainOptions.seed,
@@ -51,7 +52,7 @@ def train(
     quiet: QuietOption = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Train HSL on the (title, photo) pairs of a store; keeps the best epoch by validation R@10.
+    """Train HSL on the (title, photo) pairs of a store; keeps the best epoch by validation R@10 (or the last).
 
     Under `torchrun --nproc-per-node N` the processes share each batch (DistributedDataParallel);
     rank 0 alone reports and writes."""

@@ -25,8 +25,10 @@ AGGREGATIONS = ("mean", "max", "topk")
 # the weight of their loss (hsl/attribute_texts.py); [] = titles only.
 DEFAULT_TRAINING = {"lr": 2e-4, "lr_decay": 0.9, "grad_clip": 2.0, "batch_size": 256, "epochs": 10,
                     "weight_decay": 0.0, "group_column": "", "group_size": 0, "text_columns": [], "text_weight": 0.5,
-                    "average_decay": 0.0}
+                    "average_decay": 0.0, "val_fraction": 0.1}
 # average_decay: keep an exponential moving average of the weights, decay per step (hsl/averaging.py); 0 = off.
+# val_fraction: share of the non-test products that validates each epoch and picks the best one; 0 trains on
+# them too and keeps the last epoch (hsl-members3: the sum of members is as good at its last epoch).
 
 
 def _check_number(where: str, key: str, value: Any, positive: bool = False) -> None:
@@ -210,6 +212,11 @@ class ModelConfig:
         decay = self.training.get("average_decay", 0.0)
         if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0.0 <= decay < 1.0:
             raise HSLUsageError(f"{where}: training.average_decay must be a number in [0, 1) (0 = off), got {decay!r}")
+        val_fraction = self.training.get("val_fraction", 0.1)
+        if not isinstance(val_fraction, (int, float)) or isinstance(val_fraction, bool) \
+                or not 0.0 <= val_fraction <= 0.9:
+            raise HSLUsageError(f"{where}: training.val_fraction must be a number in [0, 0.9] (0 = no validation, "
+                                f"the last epoch is kept), got {val_fraction!r}")
         if not self.losses:
             raise HSLUsageError(f"{where}: losses is empty; give at least {{\"hsl\": 1.0}}")
         for name, weight in self.losses.items():

@@ -30,7 +30,7 @@ import torch
 
 from . import distributed
 from .atomic import write_text_atomic
-from .config import ModelConfig, config_to_dict
+from .config import ModelConfig, config_from_dict, config_to_dict
 from .dataset import Split
 from .devices import resolve_device
 from .errors import HSLUsageError
@@ -59,9 +59,12 @@ def train_members(store_path: str | os.PathLike, out_dir: str | os.PathLike, opt
     if out.exists() and any(out.iterdir()) and not options.resume:
         raise HSLUsageError(f"{out} is not empty; give another `out`, or `resume` to continue its training",
                             "out", str(out))
-    single = json.dumps(config_to_dict(replace(config, members=1, index_dim=0)), indent=2)
+    member_config = replace(config, members=1, index_dim=0)
+    single = json.dumps(config_to_dict(member_config), indent=2)
     config_path = out / MEMBERS / "config.json"
-    if config_path.is_file() and config_path.read_text(encoding="utf-8") != single:
+    # Compared as configs, not as text: one written by an older hsl lacks settings added since (their defaults).
+    if config_path.is_file() and config_from_dict(json.loads(config_path.read_text(encoding="utf-8")),
+                                                  str(config_path)) != member_config:
         raise HSLUsageError(f"{out} holds members of another config; resume with the config it was started "
                             f"with ({options.config} differs)", "config", options.config)
     config_path.parent.mkdir(parents=True, exist_ok=True)

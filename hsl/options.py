@@ -35,7 +35,7 @@ class TrainOptions:
     epochs: int | None = None  # None: the config's
     batch_size: int | None = None
     lr: float | None = None
-    val_fraction: float = 0.1
+    val_fraction: float | None = None  # None: the config's training.val_fraction (0.1 unless it says)
     test_fraction: float = 0.15  # a fixed, seed-independent hold-out that training never sees
     seed: int = 0
     device: str = DEVICE

@@ -113,6 +113,7 @@ class Trainer:
                      "text_dim": self.store_meta["text_dim"], "precision": self.precision.name,
                      "hsl_version": __version__}
         self.args = {**asdict(options), "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
+                     "val_fraction": self.split.val_fraction,
                      "store": str(store_path), "precision": self.precision.name}
         self.record = {"history": [], "best": None, "split": {k: int(len(v)) for k, v in self.parts.items()},
                        "streamed": self.train_set.source is not None}
@@ -138,16 +139,19 @@ class Trainer:
         with FeatureStore.open(store_path) as store:
             products = load_products(store, require_text=True, region_grid=self.config.region_grid, in_memory=False)
             self.store_meta = dict(store.meta)
-        self.split = Split(options.test_fraction, options.val_fraction, options.seed)
+        val_fraction = options.val_fraction
+        if val_fraction is None:
+            val_fraction = float(self.config.training["val_fraction"])  # merged with the defaults (hsl/config.py)
+        self.split = Split(options.test_fraction, val_fraction, options.seed)
         self.parts = _capped(self.split.indices(products.ids), options.max_products, options.seed)
         self.train_set = products.subset(self.parts["train"])
         self.val_set = products.subset(self.parts["val"]).loaded()
         if len(self.train_set) * feature_bytes(self.store_meta, self.config.region_grid) <= options.memory_budget:
             self.train_set = self.train_set.loaded()  # fits: batches come from memory; else each one from the store
-        if len(self.train_set) < 2 or (len(self.val_set) < 1 and options.val_fraction > 0):
+        if len(self.train_set) < 2 or (len(self.val_set) < 1 and val_fraction > 0):
             raise HSLUsageError(f"split gives {len(self.train_set)} training and {len(self.val_set)} validation "
                                 "products; extract more products or change `val_fraction`", "val_fraction",
-                                options.val_fraction)
+                                val_fraction)
 
     def _build_model(self) -> None:
         """Model, losses (with their heads) and label indices; the order of the random draws is fixed."""

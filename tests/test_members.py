@@ -105,6 +105,11 @@ def test_members_train_on_their_own_seeds_and_join(tmp_path: Path) -> None:
     with pytest.raises(HSLUsageError, match="another config"):
         train(store, tmp_path / "c", TrainOptions(config=_members_config(tmp_path, 2, joint_dim=8), seed=1,
                                                   precision="fp32", resume=True))
+    # members started by an older hsl, whose config.json lacks a training setting added since, still resume
+    written = tmp_path / "c" / "members" / "config.json"
+    older = json.loads(written.read_text())
+    del older["training"]["val_fraction"]
+    written.write_text(json.dumps(older, indent=2))
     train(store, tmp_path / "c", TrainOptions(config=config, seed=1, precision="fp32", resume=True))
     again = load_file(str(tmp_path / "c" / "model.safetensors"))
     assert all(torch.equal(again[key], value) for key, value in joined.items())

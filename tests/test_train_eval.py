@@ -18,7 +18,7 @@ from hsl.extract import ExtractOptions, extract
 from hsl.train import TrainOptions, train
 from hsl_cli.main import app
 
-from .conftest import write_manifest
+from .conftest import tiny_config, write_manifest
 
 runner = CliRunner()
 
@@ -92,6 +92,27 @@ def test_model_refuses_store_of_other_backbone(tiny_store: Path, tmp_path: Path,
     extract(photo_folder, other, ExtractOptions(backbone="openclip:hsl-tiny-vit", workers=0))
     with pytest.raises(StoreMismatchError, match="trained on backbone 'tiny'"):
         evaluate(other, tmp_path / "m", split="all")
+
+
+def test_the_configs_validation_share_and_the_flag_that_overrides_it(tiny_store: Path, tmp_path: Path) -> None:
+    """training.val_fraction 0 (hsl-members3's): every non-test product trains and the last epoch is kept;
+    `--val-fraction` still wins over the config, and the share in use is what train_args.json records."""
+    config = tiny_config(tmp_path, "no-val", val_fraction=0.0)
+    record = train(tiny_store, tmp_path / "all", TrainOptions(config=config, epochs=2, seed=1))
+    assert record["split"]["val"] == 0 and record["best"]["epoch"] == 2 and record["best"]["val"] == {}
+    assert record["split"]["train"] + record["split"]["test"] == 160
+    assert json.loads((tmp_path / "all" / "train_args.json").read_text())["val_fraction"] == 0.0
+    trained = runner.invoke(app, ["train", "--store", str(tiny_store), "--out", str(tmp_path / "flag"), "--config",
+                                  config, "--epochs", "1", "--val-fraction", "0.2", "--quiet", "--json"])
+    assert trained.exit_code == 0, trained.output
+    assert json.loads(trained.stdout)["split"]["val"] > 0
+    assert json.loads((tmp_path / "flag" / "train_args.json").read_text())["val_fraction"] == 0.2
+    plain = runner.invoke(app, ["train", "--store", str(tiny_store), "--out", str(tmp_path / "last"), "--config",
+                                config, "--epochs", "1"])
+    assert plain.exit_code == 0 and "no validation split: last epoch" in plain.stdout
+    bad = runner.invoke(app, ["train", "--store", str(tiny_store), "--out", str(tmp_path / "bad"), "--config",
+                              tiny_config(tmp_path, "bad-val", val_fraction=1.5)])
+    assert bad.exit_code == 2 and "training.val_fraction must be a number in [0, 0.9]" in bad.stderr
 
 
 def test_cli_train_and_eval_json(tiny_store: Path, tmp_path: Path) -> None:
