@@ -172,9 +172,15 @@ def test_second_extract_on_a_store_being_written_is_refused_at_once(tmp_path: Pa
     deadline = time.monotonic() + 60
     while not store.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
-    with FeatureStore.open(store) as opened:
-        before = int((opened.column("status") == DONE).sum())
-    second = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    # Paused while the second runs (its lock stays held), so a loaded machine cannot let the first finish
+    # before the second starts: the refusal is checked every time, not only when the first is still busy.
+    os.killpg(first.pid, signal.SIGSTOP)
+    try:
+        with FeatureStore.open(store) as opened:
+            before = int((opened.column("status") == DONE).sum())
+        second = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
     lines = second.stderr.strip().splitlines()
     assert second.returncode == 1 and len(lines) == 1, second.stderr
     assert f"is in use: process {first.pid} (hsl extract) is writing it" in lines[0]
