@@ -102,6 +102,9 @@ def test_the_configs_validation_share_and_the_flag_that_overrides_it(tiny_store:
     assert record["split"]["val"] == 0 and record["best"]["epoch"] == 2 and record["best"]["val"] == {}
     assert record["split"]["train"] + record["split"]["test"] == 160
     assert json.loads((tmp_path / "all" / "train_args.json").read_text())["val_fraction"] == 0.0
+    with pytest.raises(HSLUsageError, match="val_fraction 0.0, this run has 0.15 and 0.2; resume with the same"):
+        train(tiny_store, tmp_path / "all", TrainOptions(config=config, epochs=3, seed=1, val_fraction=0.2,
+                                                         resume=True))
     trained = runner.invoke(app, ["train", "--store", str(tiny_store), "--out", str(tmp_path / "flag"), "--config",
                                   config, "--epochs", "1", "--val-fraction", "0.2", "--quiet", "--json"])
     assert trained.exit_code == 0, trained.output
