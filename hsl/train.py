@@ -202,10 +202,11 @@ class Trainer:
                                 f"{trained['seed']}; resume with the same `config` and `seed`", "config",
                                 self.options.config)
         split = (self.split.test_fraction, self.split.val_fraction)
-        if (trained["test_fraction"], trained["val_fraction"]) != split:  # other products would train from here
-            raise HSLUsageError(f"{self.out} was trained with test_fraction {trained['test_fraction']} and "
-                                f"val_fraction {trained['val_fraction']}, this run has {split[0]} and {split[1]}; "
-                                "resume with the same fractions", "val_fraction", self.options.val_fraction)
+        was = (trained.get("test_fraction", split[0]), trained.get("val_fraction", split[1]))
+        if was != split:  # other products would train from here on
+            raise HSLUsageError(f"{self.out} was trained with test_fraction {was[0]} and val_fraction {was[1]}, "
+                                f"this run has {split[0]} and {split[1]}; resume with the same fractions",
+                                "val_fraction", split[1], [was[1]])
         trained_in = trained.get("precision", "fp32")  # checkpoints from before precision was recorded
         if trained_in != self.precision.name:  # another precision would not end with the same weights
             raise HSLUsageError(f"{self.out} was trained in {trained_in}, this run would train in "
