@@ -44,13 +44,13 @@ def run_one(store: Path, out: Path, config: str, seed: int, epochs: int | None, 
     model = out / "model"
     # A config of members keeps a checkpoint per member (model/members/k/checkpoint), not model/checkpoint.
     resume = Checkpoint(model / "checkpoint").exists() or (model / "members").is_dir()
-    record = train(store, out / "model", TrainOptions(config=config, seed=seed, epochs=epochs, resume=resume,
+    record = train(store, model, TrainOptions(config=config, seed=seed, epochs=epochs, resume=resume,
                                                        device=device, precision=precision,
                                                        val_fraction=val_fraction))
     seconds = time.perf_counter() - started
-    instance = evaluate(store, out / "model", hierarchy=HIERARCHY, device=device, precision=precision)
+    instance = evaluate(store, model, hierarchy=HIERARCHY, device=device, precision=precision)
     graded = {"metrics": {}, "queries": 0} if queries is None else evaluate(
-        store, out / "model", queries_path=str(queries), device=device, precision=precision)
+        store, model, queries_path=str(queries), device=device, precision=precision)
     result = {"config": config, "seed": seed, "device": device, "precision": instance["precision"],
               "split": record["split"],
               "best_epoch": record["best"]["epoch"],

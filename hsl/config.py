@@ -31,6 +31,15 @@ DEFAULT_TRAINING = {"lr": 2e-4, "lr_decay": 0.9, "grad_clip": 2.0, "batch_size":
 # them too and keeps the last epoch (hsl-members3: the sum of members is as good at its last epoch).
 
 
+def _check_share(where: str, key: str, value: Any, high: float, high_included: bool, meaning: str) -> None:
+    """A number from 0 to `high` (included or not), not a bool: a training setting that is a share or a decay."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value \
+        and (value <= high if high_included else value < high)
+    if not ok:
+        interval = f"[0, {high:g}{']' if high_included else ')'}"
+        raise HSLUsageError(f"{where}: {key} must be a number in {interval} ({meaning}), got {value!r}")
+
+
 def _check_number(where: str, key: str, value: Any, positive: bool = False) -> None:
     """Non-negative (or positive) finite number, not a bool: JSON `true` must not pass as a weight."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -209,14 +218,9 @@ class ModelConfig:
         if bad_training:
             raise HSLUsageError(f"{where}: unknown training setting {bad_training[0]!r}; "
                                 f"known: {sorted(DEFAULT_TRAINING)}")
-        decay = self.training.get("average_decay", 0.0)
-        if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0.0 <= decay < 1.0:
-            raise HSLUsageError(f"{where}: training.average_decay must be a number in [0, 1) (0 = off), got {decay!r}")
-        val_fraction = self.training.get("val_fraction", 0.1)
-        if not isinstance(val_fraction, (int, float)) or isinstance(val_fraction, bool) \
-                or not 0.0 <= val_fraction <= 0.9:
-            raise HSLUsageError(f"{where}: training.val_fraction must be a number in [0, 0.9] (0 = no validation, "
-                                f"the last epoch is kept), got {val_fraction!r}")
+        _check_share(where, "training.average_decay", self.training.get("average_decay", 0.0), 1.0, False, "0 = off")
+        _check_share(where, "training.val_fraction", self.training.get("val_fraction", 0.1), 0.9, True,
+                     "0 = no validation, the last epoch is kept")
         if not self.losses:
             raise HSLUsageError(f"{where}: losses is empty; give at least {{\"hsl\": 1.0}}")
         for name, weight in self.losses.items():
